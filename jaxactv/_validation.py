@@ -1,0 +1,98 @@
+"""Trace-time argument checks shared by every public op.
+
+Each check looks only at shapes, dtypes and static options, never at array
+values, so it runs once while tracing and costs nothing under ``jit``. Errors
+name the offending argument, what it was, and what was expected.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.typing import ArrayLike
+
+Axis = int | tuple[int, ...]
+
+REDUCTIONS = ("none", "mean", "sum")
+
+
+def as_activation_input(x: ArrayLike, name: str = "x") -> jax.Array:
+  """``x`` as a floating array; integers and booleans are promoted like ``jax.nn`` does."""
+  x = jnp.asarray(x)
+  if jnp.issubdtype(x.dtype, jnp.complexfloating):
+    raise TypeError(f"{name} must be a real floating array; got dtype {x.dtype}.")
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    x = x.astype(jnp.result_type(float))
+  return x
+
+
+def as_logits(x: ArrayLike, name: str = "logits") -> jax.Array:
+  """``x`` as a floating array; integer, boolean or complex logits are an error."""
+  x = jnp.asarray(x)
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise TypeError(
+        f"{name} must be a floating array (bfloat16, float16, float32 or float64); "
+        f"got dtype {x.dtype}."
+    )
+  return x
+
+
+def canonical_axes(axis: Axis, ndim: int, name: str = "axis") -> tuple[int, ...]:
+  """``axis`` (an int or a tuple of ints) as sorted non-negative ints, checked against ``ndim``."""
+  axes = (axis,) if isinstance(axis, (int, np.integer)) else axis
+  if not isinstance(axes, Sequence) or isinstance(axes, str) or not all(
+      isinstance(a, (int, np.integer)) and not isinstance(a, bool) for a in axes
+  ):
+    raise TypeError(f"{name} must be an int or a tuple of ints; got {axis!r}.")
+  if len(axes) == 0:
+    raise ValueError(f"{name} must name at least one axis; got {axis!r}.")
+  out = []
+  for a in axes:
+    if not -ndim <= a < ndim:
+      raise ValueError(
+          f"{name}={axis!r} is out of range for an array of rank {ndim}: each axis must lie "
+          f"in [{-ndim}, {ndim})."
+      )
+    out.append(int(a) % ndim)
+  if len(set(out)) != len(out):
+    raise ValueError(f"{name}={axis!r} repeats an axis.")
+  return tuple(sorted(out))
+
+
+def as_mask(where: ArrayLike | None, shape: tuple[int, ...], name: str = "where") -> jax.Array | None:
+  """A boolean mask broadcastable to ``shape`` (returned unbroadcast), or None."""
+  if where is None:
+    return None
+  where = jnp.asarray(where)
+  if where.dtype != jnp.bool_:
+    raise TypeError(f"{name} must be a boolean mask; got dtype {where.dtype}.")
+  if not broadcasts_to(where.shape, shape):
+    raise ValueError(f"{name} of shape {where.shape} does not broadcast to shape {shape}.")
+  return where
+
+
+def broadcasts_to(src: tuple[int, ...], dst: tuple[int, ...]) -> bool:
+  """Whether an array of shape ``src`` broadcasts to exactly ``dst``."""
+  if len(src) > len(dst):
+    return False
+  return all(s in (1, d) for s, d in zip(src[::-1], dst[::-1], strict=False))
+
+
+def check_reduction(reduction: str) -> str:
+  if reduction not in REDUCTIONS:
+    raise ValueError(f"reduction must be one of {REDUCTIONS}; got {reduction!r}.")
+  return reduction
+
+
+def check_nonnegative(value, name: str) -> None:
+  """``value`` >= 0 when it is a concrete number; traced values are accepted as they are."""
+  if isinstance(value, jax.core.Tracer):
+    return
+  arr = np.asarray(value)
+  if arr.dtype.kind not in "fiub":
+    raise TypeError(f"{name} must be a real number; got {value!r}.")
+  if np.any(np.isnan(arr)) or np.any(arr < 0):
+    raise ValueError(f"{name} must be >= 0; got {value!r}.")

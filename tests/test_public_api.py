@@ -1,0 +1,48 @@
+"""The public surface is exactly what __all__ says, and nothing private leaks."""
+
+from __future__ import annotations
+
+import jaxactv
+import jaxactv.reference
+
+EXPECTED = {
+    "__version__",
+    "log_sigmoid",
+    "log_softmax",
+    "logsumexp",
+    "reference",
+    "sigmoid",
+    "softmax",
+}
+
+REFERENCE = {"log_sigmoid", "log_softmax", "logsumexp", "sigmoid", "softmax"}
+
+
+def test_all_is_the_expected_surface():
+  assert set(jaxactv.__all__) == EXPECTED
+
+
+def test_every_public_name_exists():
+  for name in jaxactv.__all__:
+    assert hasattr(jaxactv, name), name
+
+
+def test_no_unlisted_public_names():
+  public = {n for n in dir(jaxactv) if not n.startswith("_")}
+  assert public <= EXPECTED | {"reference"}, public - EXPECTED
+
+
+def test_version_is_a_string():
+  assert isinstance(jaxactv.__version__, str) and jaxactv.__version__.count(".") == 2
+
+
+def test_reference_surface():
+  assert set(jaxactv.reference.__all__) == REFERENCE
+  for name in REFERENCE:
+    assert callable(getattr(jaxactv.reference, name))
+
+
+def test_py_typed_is_shipped():
+  import pathlib
+
+  assert (pathlib.Path(jaxactv.__file__).parent / "py.typed").exists()
