@@ -41,7 +41,8 @@ def main() -> None:
   print("\nA fully masked row: zeros and a zero gradient, not NaN")
   mask = jnp.array([False, False, False])
   grad = jax.grad(lambda z: jaxactv.softmax(z, where=mask).sum())(logits)
-  print("  softmax:", np.asarray(jaxactv.softmax(logits, where=mask)), " gradient:", np.asarray(grad))
+  probs = jaxactv.softmax(logits, where=mask)
+  print("  softmax:", np.asarray(probs), " gradient:", np.asarray(grad))
 
 
 if __name__ == "__main__":

@@ -30,8 +30,12 @@ def stable_sigmoid(x: jax.Array) -> jax.Array:
 
 
 def stable_log_sigmoid(x: jax.Array) -> jax.Array:
-  """log(sigmoid(x)) = min(x, 0) - log1p(exp(-|x|)), exact at +-inf and for large |x|."""
-  return jnp.minimum(x, 0.0) - jnp.log1p(_exp_neg_abs(x))
+  """log(sigmoid(x)) = -log(1 + e^-x), exact at +-inf and for large |x|.
+
+  ``jnp.logaddexp`` computes ``max + log1p(exp(-|diff|))`` and, unlike the same
+  formula spelled out, differentiates correctly at ``x = 0``.
+  """
+  return -jnp.logaddexp(0.0, -x)
 
 
 def sigmoid_derivative(x: jax.Array) -> jax.Array:

@@ -53,11 +53,13 @@ def row_offset(row_max: jax.Array) -> jax.Array:
 def shifted_logits(x: jax.Array, offset: jax.Array) -> jax.Array:
   """``x - max``, ready for ``exp``: 0 on a ``+inf`` row's ``+inf`` entries.
 
-  ``min(., 0)`` is a no-op on finite rows. On a ``+inf`` row the other entries land
-  at ``-inf`` or at ``-finfo.max``, which ``exp`` maps to 0 alike. Only arithmetic
-  here: XLA:CPU fuses it into the reduction, where a select would not be fused.
+  Clamping ``x`` at the largest float first is a no-op on finite rows and pins a
+  ``+inf`` row's ``+inf`` entries at 0 (its other entries land at ``-finfo.max``
+  or ``-inf``, which ``exp`` maps to 0 alike). Clamping ``x`` rather than the
+  difference keeps the derivative 1 at the row max, so reverse-over-reverse is
+  exact. Only arithmetic: XLA fuses it into the reduction, a select it would not.
   """
-  return jnp.minimum(x - offset, 0.0)
+  return jnp.minimum(x, jnp.finfo(x.dtype).max) - offset
 
 
 class Normalized(NamedTuple):
@@ -83,8 +85,9 @@ class Normalized(NamedTuple):
 
   def log_probs(self) -> jax.Array:
     log_sum = jnp.log(self.safe_sum_exp)
-    # No clamp needed on finite rows: fl(max + log_sum) >= max >= x.
-    finite_rows = self.x - (self.offset + log_sum)
+    # (x - max) - log_sum: both differences small, so the result keeps an ulp of
+    # itself; x - (max + log_sum) would round at the scale of max.
+    finite_rows = shifted_logits(self.x, self.offset) - log_sum
     # A +inf row: log(1/k) on its +inf entries, log 0 elsewhere (exactly -inf).
     inf_rows = jnp.where(self.x == jnp.inf, -log_sum, -jnp.inf)
     return jnp.where(self.row_max == jnp.inf, inf_rows, finite_rows)

@@ -62,7 +62,9 @@ def canonical_axes(axis: Axis, ndim: int, name: str = "axis") -> tuple[int, ...]
   return tuple(sorted(out))
 
 
-def as_mask(where: ArrayLike | None, shape: tuple[int, ...], name: str = "where") -> jax.Array | None:
+def as_mask(
+    where: ArrayLike | None, shape: tuple[int, ...], name: str = "where"
+) -> jax.Array | None:
   """A boolean mask broadcastable to ``shape`` (returned unbroadcast), or None."""
   if where is None:
     return None

@@ -23,9 +23,22 @@ import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike
 
-from jaxactv._validation import Axis, canonical_axes
+from jaxactv._layout import to_class_layout
+from jaxactv._validation import Axis, canonical_axes, check_reduction
 
-__all__ = ["log_sigmoid", "log_softmax", "logsumexp", "sigmoid", "softmax"]
+__all__ = [
+    "entropy_from_logits",
+    "kl_divergence_from_logits",
+    "log_sigmoid",
+    "log_softmax",
+    "logsumexp",
+    "sigmoid",
+    "sigmoid_binary_cross_entropy",
+    "sigmoid_focal_loss",
+    "softmax",
+    "softmax_cross_entropy",
+    "softmax_cross_entropy_with_integer_labels",
+]
 
 
 def _float(x: ArrayLike) -> jax.Array:
@@ -41,9 +54,8 @@ def sigmoid(x: ArrayLike) -> jax.Array:
 
 
 def log_sigmoid(x: ArrayLike) -> jax.Array:
-  """``log(sigmoid(x)) = min(x, 0) - log1p(exp(-|x|))``."""
-  x = _float(x)
-  return jnp.minimum(x, 0) - jnp.log1p(jnp.exp(-jnp.abs(x)))
+  """``log(sigmoid(x)) = -log(1 + exp(-x))``, via ``jnp.logaddexp`` (stable, exact at 0)."""
+  return -jnp.logaddexp(0.0, -_float(x))
 
 
 def _shifted(x: jax.Array, axes: tuple[int, ...], where) -> jax.Array:
@@ -80,3 +92,137 @@ def logsumexp(
   m = jnp.where(jnp.isfinite(m), m, 0)
   out = m + jnp.log(jnp.sum(jnp.exp(masked - m), axes, keepdims=True))
   return out if keepdims else jnp.squeeze(out, axes)
+
+
+# ------------------------------------------------------------------------ losses
+#
+# Textbook twins of the fused losses: log-probabilities first, then the formula.
+# Masks, ignore_index, class weights, smoothing, z-loss and reductions follow the
+# same rules as the fused ops (PyTorch's for weights, smoothing and ignore_index).
+
+
+def _reduce(losses, reduction, weights):
+  check_reduction(reduction)
+  if reduction == "none":
+    return losses
+  if reduction == "sum":
+    return jnp.sum(losses)
+  denom = jnp.sum(weights)
+  return jnp.sum(losses) / jnp.where(denom == 0, 1.0, denom)
+
+
+def _loss_float(x):
+  x = jnp.asarray(x)
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def softmax_cross_entropy_with_integer_labels(
+    logits, labels, axis=-1, where=None, *, ignore_index=None, label_smoothing=0.0,
+    class_weights=None, z_loss=0.0, reduction="none", vocab_axis=None,
+):
+  """``-(1-eps) w_y log p_y - (eps/K) sum_j w_j log p_j + z lse^2``, unfused."""
+  logits = _loss_float(logits)
+  labels = jnp.asarray(labels)
+  if vocab_axis is not None:  # gather the vocabulary: obviously right, never fast
+    logits = lax.all_gather(logits, vocab_axis, axis=logits.ndim - 1, tiled=True)
+    if class_weights is not None:
+      class_weights = lax.all_gather(jnp.asarray(class_weights), vocab_axis, tiled=True)
+  lay = to_class_layout(logits, axis, where)
+  x, k = lay.logits, lay.num_classes
+  valid = jnp.ones(x.shape, bool) if lay.class_mask is None else lay.class_mask
+  logp = log_softmax(x, where=valid)
+  w = jnp.ones((k,), x.dtype) if class_weights is None else _loss_float(class_weights)
+  safe = jnp.clip(labels, 0, k - 1)
+  logp_y = jnp.take_along_axis(logp, safe[..., None], -1)[..., 0]
+  w_y = w[safe]
+  loss = -(1 - label_smoothing) * w_y * logp_y
+  if label_smoothing:
+    n_valid = jnp.sum(valid, -1)
+    loss += -(label_smoothing / n_valid) * jnp.sum(jnp.where(valid, w * logp, 0.0), -1)
+  if z_loss:
+    loss += z_loss * logsumexp(x, where=valid) ** 2
+  counts = jnp.any(valid, -1)
+  if ignore_index is not None:
+    counts &= labels != ignore_index
+  if lay.example_mask is not None:
+    counts &= lay.example_mask
+  in_range = (labels >= 0) & (labels < k)
+  loss = jnp.where(counts, jnp.where(in_range, loss, jnp.nan), 0.0)
+  return _reduce(loss, reduction, jnp.where(counts, w_y, 0.0))
+
+
+def softmax_cross_entropy(
+    logits, labels, axis=-1, where=None, *, label_smoothing=0.0, z_loss=0.0, reduction="none"
+):
+  """``-sum_j t_j log softmax(x)_j + z lse^2`` with ``t = (1-eps) y + eps/K``, unfused."""
+  logits = _loss_float(logits)
+  lay = to_class_layout(logits, axis, where)
+  x = lay.logits
+  t = to_class_layout(_loss_float(labels), axis, None).logits
+  valid = jnp.ones(x.shape, bool) if lay.class_mask is None else lay.class_mask
+  if label_smoothing:
+    n_valid = jnp.sum(valid, -1, keepdims=True)
+    t = (1 - label_smoothing) * t + label_smoothing / n_valid
+  logp = log_softmax(x, where=valid)
+  loss = -jnp.sum(jnp.where(valid, t * logp, 0.0), -1)
+  if z_loss:
+    loss += z_loss * logsumexp(x, where=valid) ** 2
+  counts = jnp.any(valid, -1)
+  if lay.example_mask is not None:
+    counts &= lay.example_mask
+  loss = jnp.where(counts, loss, 0.0)
+  return _reduce(loss, reduction, counts)
+
+
+def sigmoid_binary_cross_entropy(
+    logits, labels, *, where=None, pos_weight=None, label_smoothing=0.0, reduction="none"
+):
+  """``-p y log sigmoid(x) - (1 - y) log(1 - sigmoid(x))``, unfused."""
+  x = _loss_float(logits)
+  y = jnp.asarray(labels).astype(x.dtype)
+  if label_smoothing:
+    y = (1 - label_smoothing) * y + label_smoothing / 2
+  p = 1.0 if pos_weight is None else jnp.asarray(pos_weight).astype(x.dtype)
+  loss = -p * y * log_sigmoid(x) - (1 - y) * log_sigmoid(-x)
+  mask = jnp.ones(x.shape, bool) if where is None else jnp.broadcast_to(where, x.shape)
+  return _reduce(jnp.where(mask, loss, 0.0), reduction, mask)
+
+
+def sigmoid_focal_loss(logits, labels, alpha=None, gamma=2.0, *, where=None, reduction="none"):
+  """``alpha_t (1 - p_t)^gamma BCE(x, y)``, unfused."""
+  x = _loss_float(logits)
+  y = jnp.asarray(labels).astype(x.dtype)
+  p = sigmoid(x)
+  ce = sigmoid_binary_cross_entropy(x, y)
+  one_minus_pt = y * (1 - p) + (1 - y) * p
+  loss = one_minus_pt**gamma * ce
+  if alpha is not None:
+    loss = (alpha * y + (1 - alpha) * (1 - y)) * loss
+  mask = jnp.ones(x.shape, bool) if where is None else jnp.broadcast_to(where, x.shape)
+  return _reduce(jnp.where(mask, loss, 0.0), reduction, mask)
+
+
+def kl_divergence_from_logits(logits, target_logits, axis=-1, where=None, *, reduction="none"):
+  """``sum_j q_j (log q_j - log p_j)`` with ``q = softmax(t)``, ``p = softmax(x)``, unfused."""
+  lay = to_class_layout(_loss_float(logits), axis, where)
+  t = to_class_layout(_loss_float(target_logits), axis, None).logits
+  valid = jnp.ones(lay.logits.shape, bool) if lay.class_mask is None else lay.class_mask
+  logq, logp = log_softmax(t, where=valid), log_softmax(lay.logits, where=valid)
+  q = jnp.exp(logq)
+  kl = jnp.sum(jnp.where(valid & (q > 0), q * (logq - logp), 0.0), -1)
+  counts = jnp.any(valid, -1)
+  if lay.example_mask is not None:
+    counts &= lay.example_mask
+  return _reduce(jnp.where(counts, kl, 0.0), reduction, counts)
+
+
+def entropy_from_logits(logits, axis=-1, where=None, *, reduction="none"):
+  """``-sum_j p_j log p_j`` with ``p = softmax(x)``, unfused."""
+  lay = to_class_layout(_loss_float(logits), axis, where)
+  valid = jnp.ones(lay.logits.shape, bool) if lay.class_mask is None else lay.class_mask
+  logp = log_softmax(lay.logits, where=valid)
+  h = -jnp.sum(jnp.where(valid & (logp > -jnp.inf), jnp.exp(logp) * logp, 0.0), -1)
+  counts = jnp.any(valid, -1)
+  if lay.example_mask is not None:
+    counts &= lay.example_mask
+  return _reduce(jnp.where(counts, h, 0.0), reduction, counts)

@@ -10,7 +10,7 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
-import hypothesis  # noqa: E402
+import hypothesis
 
 hypothesis.settings.register_profile(
     "ci", max_examples=40, deadline=None, derandomize=True, print_blob=True

@@ -1,0 +1,63 @@
+"""The canonical layout every softmax loss works in: ``[*batch, num_classes]``.
+
+Users may name any axis, or a tuple of axes, as the class axis (as in optax).
+The losses move those axes to the end and flatten them into one, so each fused
+kernel is written once, for a trailing class axis; a label is then a flat index
+into the class block (``jnp.ravel_multi_index`` order). The move is free when
+the class axes already trail; otherwise XLA transposes once.
+
+``where`` follows optax: a mask with ``logits.ndim`` dimensions masks single
+logits (classes left out of the softmax); a mask with the batch's rank masks
+whole examples.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxactv._validation import Axis, broadcasts_to, canonical_axes
+
+
+class ClassLayout(NamedTuple):
+  logits: jax.Array  # [*batch, K]
+  class_mask: jax.Array | None  # bool, broadcastable to logits, or None
+  example_mask: jax.Array | None  # bool [*batch] (broadcast), or None
+  batch_shape: tuple[int, ...]
+  num_classes: int
+
+
+def classes_last(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+  """``x`` with ``axes`` moved to the end (order kept) and flattened into one."""
+  batch = tuple(d for d in range(x.ndim) if d not in axes)
+  if batch + axes != tuple(range(x.ndim)):
+    x = jnp.transpose(x, batch + axes)
+  return x.reshape((*x.shape[: len(batch)], math.prod(x.shape[len(batch) :])))
+
+
+def to_class_layout(logits: jax.Array, axis: Axis, where: jax.Array | None) -> ClassLayout:
+  axes = canonical_axes(axis, logits.ndim)
+  batch_shape = tuple(n for d, n in enumerate(logits.shape) if d not in axes)
+  num_classes = math.prod(logits.shape[d] for d in axes)
+  class_mask = example_mask = None
+  if where is not None:
+    where = jnp.asarray(where)
+    if where.dtype != jnp.bool_:
+      raise TypeError(f"where must be a boolean mask; got dtype {where.dtype}.")
+    if where.ndim == logits.ndim:
+      if not broadcasts_to(where.shape, logits.shape):
+        raise ValueError(
+            f"where of shape {where.shape} does not broadcast to logits of shape {logits.shape}."
+        )
+      class_mask = classes_last(jnp.broadcast_to(where, logits.shape), axes)
+    elif broadcasts_to(where.shape, batch_shape):
+      example_mask = jnp.broadcast_to(where, batch_shape)
+    else:
+      raise ValueError(
+          f"where of shape {where.shape} matches neither the logits {logits.shape} (a mask "
+          f"per logit) nor the batch shape {batch_shape} (a mask per example)."
+      )
+  return ClassLayout(classes_last(logits, axes), class_mask, example_mask, batch_shape, num_classes)
