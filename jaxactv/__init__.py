@@ -6,6 +6,14 @@ forward-mode use and for testing live in :mod:`jaxactv.reference`.
 """
 
 from jaxactv import reference as reference
+from jaxactv._binary import sigmoid_binary_cross_entropy as sigmoid_binary_cross_entropy
+from jaxactv._binary import sigmoid_focal_loss as sigmoid_focal_loss
+from jaxactv._cross_entropy import softmax_cross_entropy as softmax_cross_entropy
+from jaxactv._cross_entropy import (
+    softmax_cross_entropy_with_integer_labels as softmax_cross_entropy_with_integer_labels,
+)
+from jaxactv._divergence import entropy_from_logits as entropy_from_logits
+from jaxactv._divergence import kl_divergence_from_logits as kl_divergence_from_logits
 from jaxactv._sigmoid import log_sigmoid as log_sigmoid
 from jaxactv._sigmoid import sigmoid as sigmoid
 from jaxactv._softmax import log_softmax as log_softmax
@@ -16,10 +24,16 @@ __version__ = "0.1.0"
 
 __all__ = [
     "__version__",
+    "entropy_from_logits",
+    "kl_divergence_from_logits",
     "log_sigmoid",
     "log_softmax",
     "logsumexp",
     "reference",
     "sigmoid",
+    "sigmoid_binary_cross_entropy",
+    "sigmoid_focal_loss",
     "softmax",
+    "softmax_cross_entropy",
+    "softmax_cross_entropy_with_integer_labels",
 ]

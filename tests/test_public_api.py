@@ -5,17 +5,17 @@ from __future__ import annotations
 import jaxactv
 import jaxactv.reference
 
-EXPECTED = {
-    "__version__",
-    "log_sigmoid",
-    "log_softmax",
-    "logsumexp",
-    "reference",
-    "sigmoid",
-    "softmax",
+ACTIVATIONS = {"log_sigmoid", "log_softmax", "logsumexp", "sigmoid", "softmax"}
+LOSSES = {
+    "entropy_from_logits",
+    "kl_divergence_from_logits",
+    "sigmoid_binary_cross_entropy",
+    "sigmoid_focal_loss",
+    "softmax_cross_entropy",
+    "softmax_cross_entropy_with_integer_labels",
 }
-
-REFERENCE = {"log_sigmoid", "log_softmax", "logsumexp", "sigmoid", "softmax"}
+EXPECTED = {"__version__", "reference"} | ACTIVATIONS | LOSSES
+REFERENCE = ACTIVATIONS | LOSSES
 
 
 def test_all_is_the_expected_surface():

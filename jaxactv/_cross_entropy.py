@@ -1,0 +1,440 @@
+"""Softmax cross-entropy from logits, fused: integer labels and soft labels.
+
+Both losses are one ``jax.custom_vjp`` each. The forward pass makes two sweeps
+over the logits (the row max, then one fused sum of everything the loss needs)
+and the backward pass one sweep that writes the closed-form gradient
+
+    d loss / d logits = g * (a * softmax(logits) - target),
+
+with ``a`` a number per example and ``target`` the (smoothed, weighted) label
+distribution. Residuals are the caller's own arrays (logits, labels, masks,
+weights) and a few numbers per example; nothing the size of the logits is kept.
+
+Numbers are computed in float32 (float64 for float64 logits); the loss comes back
+in that dtype and the gradient in the logits' dtype.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.typing import ArrayLike
+
+from jaxactv import _dtypes
+from jaxactv._arith import times_allowing_inf
+from jaxactv._layout import to_class_layout
+from jaxactv._reduction import reduce_losses
+from jaxactv._softmax import mask_logits
+from jaxactv._validation import Axis, as_logits, check_nonnegative, check_reduction
+from jaxactv._vocab_parallel import VocabShards
+
+
+def distance_below_max(x: jax.Array, offset: jax.Array) -> jax.Array:
+  """``max - x`` per logit, in ``[0, inf]``: ``-log`` of the logit's share of the max."""
+  return jnp.maximum(offset - x, 0.0)
+
+
+def finite_offset(row_max: jax.Array) -> jax.Array:
+  """The row max as the shift for ``exp``; 0 where it is not finite.
+
+  A row with no finite max (all ``-inf``, masked) then sums to 0; a ``+inf`` row
+  sums to ``+inf`` and its loss is ``inf`` or NaN: the limit would depend on how
+  many logits are infinite, which a loss does not try to guess.
+  """
+  return jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+
+
+def probs_from_lse(x: jax.Array, lse: jax.Array) -> jax.Array:
+  """``softmax(x)`` in the backward pass, from the forward's per-row logsumexp.
+
+  ``exp(x - lse)`` is not the forward's ``exp(x - max)``, so XLA recomputes it in
+  the gradient's single loop instead of keeping a logits-sized buffer of the
+  forward's exponentials alive. An empty row (``lse = -inf``) gives 0.
+  """
+  return jnp.exp(x - jnp.where(lse == -jnp.inf, 0.0, lse))
+
+
+# ------------------------------------------------------------------ integer labels
+
+
+class _IntConfig(NamedTuple):
+  label_smoothing: float
+  z_loss: float
+  vocab_axis: str | None
+
+
+def _int_fwd(logits, labels, class_mask, class_weights, counts, cfg):
+  ct = _dtypes.loss_dtype(logits.dtype)
+  shards = VocabShards(cfg.vocab_axis, logits.shape[-1])
+  eps, z = cfg.label_smoothing, cfg.z_loss
+  x = mask_logits(logits.astype(ct), class_mask)
+  row_max = shards.pmax(jnp.max(x, -1, keepdims=True, initial=-jnp.inf))
+  offset = finite_offset(row_max)
+  local_idx, here = shards.local_index(labels)
+  x_label = jnp.take_along_axis(x, local_idx[..., None], -1)[..., 0]
+  parts = {
+      "sum_exp": jnp.sum(jnp.exp(x - offset), -1),
+      "x_label": jnp.where(here, x_label, 0.0),
+  }
+  if class_weights is not None:
+    w = class_weights.astype(ct)
+    parts["w_label"] = jnp.where(here, w[local_idx], 0.0)
+  if eps > 0:
+    w_row = jnp.ones((), ct) if class_weights is None else w
+    d = distance_below_max(x, offset)
+    if class_mask is not None:
+      d = jnp.where(class_mask, d, 0.0)
+    wd = d if class_weights is None else times_allowing_inf(w_row, d)
+    parts["w_dist"] = jnp.sum(wd, -1)
+    if class_mask is not None:
+      parts["n_valid"] = jnp.sum(class_mask, -1, dtype=ct)
+      parts["w_total"] = jnp.sum(jnp.where(class_mask, w_row, 0.0), -1)
+    elif class_weights is not None:
+      parts["w_total"] = jnp.broadcast_to(jnp.sum(w), labels.shape)
+  parts = dict(zip(parts, shards.psum(tuple(parts.values())), strict=True))
+
+  row_max, offset = row_max[..., 0], offset[..., 0]
+  log_sum = jnp.log(parts["sum_exp"])
+  lse = row_max + log_sum
+  # -log p_label = log_sum - (x_label - max): small numbers, no cancellation.
+  nll = log_sum - (parts["x_label"] - offset)
+  w_label = parts.get("w_label", 1.0)
+  loss = (1.0 - eps) * w_label * nll
+  coef = (1.0 - eps) * w_label
+  if eps > 0:
+    n_valid = parts.get("n_valid", shards.num_classes)
+    w_total = parts.get("w_total", n_valid)
+    spread = eps / n_valid
+    loss = loss + spread * (w_total * log_sum + parts["w_dist"])
+    coef = coef + spread * w_total
+  else:
+    spread = 0.0
+  if z > 0:
+    loss = loss + z * jnp.square(lse)
+    coef = coef + 2.0 * z * lse
+  in_range = (labels >= 0) & (labels < shards.num_classes)
+  # Out-of-range labels cannot raise under jit: that example's loss (and gradient)
+  # is NaN, never a silently wrapped class.
+  scale = jnp.where(counts, jnp.where(in_range, 1.0, jnp.nan), 0.0).astype(ct)
+  loss = jnp.where(counts, loss * scale, 0.0)
+  coef, spread = (jnp.broadcast_to(a, loss.shape).astype(ct) for a in (coef, spread))
+  res = (logits, labels, class_mask, class_weights, lse, coef, spread, scale)
+  return loss, res
+
+
+def _int_bwd(cfg, res, g):
+  logits, labels, class_mask, class_weights, lse, coef, spread, scale = res
+  ct = lse.dtype
+  shards = VocabShards(cfg.vocab_axis, logits.shape[-1])
+  x = mask_logits(logits.astype(ct), class_mask)
+  probs = probs_from_lse(x, lse[..., None])
+  w = None if class_weights is None else class_weights.astype(ct)
+  g = g.astype(ct) * scale
+  dx = (g * coef)[..., None] * probs
+  if cfg.label_smoothing > 0:
+    spread = spread[..., None] * (1.0 if w is None else w)
+    if class_mask is not None:
+      spread = jnp.where(class_mask, spread, 0.0)
+    dx = dx - g[..., None] * spread
+  # The label's own term touches one logit per example: a scatter of N numbers into
+  # the gradient, not a logits-sized one-hot comparison.
+  local_idx, here = shards.local_index(labels)
+  w_label = 1.0 if w is None else w[local_idx]
+  at_label = jnp.where(here, g * (1.0 - cfg.label_smoothing) * w_label, 0.0)
+  dx = _subtract_at(dx, local_idx, at_label)
+  return dx.astype(logits.dtype), None, None, None, None
+
+
+def _subtract_at(dx: jax.Array, index: jax.Array, values: jax.Array) -> jax.Array:
+  """``dx[..., index] -= values`` for one class index per example."""
+  flat = dx.reshape(-1, dx.shape[-1])
+  rows = jnp.arange(flat.shape[0])
+  flat = flat.at[rows, index.reshape(-1)].add(-values.reshape(-1), mode="promise_in_bounds")
+  return flat.reshape(dx.shape)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _int_ce(logits, labels, class_mask, class_weights, counts, cfg):
+  return _int_fwd(logits, labels, class_mask, class_weights, counts, cfg)[0]
+
+
+_int_ce.defvjp(_int_fwd, _int_bwd)
+
+
+def _check_concrete_labels(labels, num_classes: int, ignore_index: int | None) -> None:
+  """Raise on an out-of-range label when the labels are known (not traced)."""
+  if isinstance(labels, jax.core.Tracer):
+    return
+  values = np.asarray(labels)
+  bad = (values < 0) | (values >= num_classes)
+  if ignore_index is not None:
+    bad &= values != ignore_index
+  if bad.any():
+    first = values[bad].flat[0]
+    where = tuple(int(i) for i in np.argwhere(bad)[0])
+    ignore = "" if ignore_index is None else f" or ignore_index={ignore_index}"
+    raise ValueError(
+        f"labels{list(where)} = {first} is not a class id: with {num_classes} classes a "
+        f"label must lie in [0, {num_classes}){ignore}."
+    )
+
+
+def softmax_cross_entropy_with_integer_labels(
+    logits: ArrayLike,
+    labels: ArrayLike,
+    axis: Axis = -1,
+    where: ArrayLike | None = None,
+    *,
+    ignore_index: int | None = None,
+    label_smoothing: float = 0.0,
+    class_weights: ArrayLike | None = None,
+    z_loss: float = 0.0,
+    reduction: str = "none",
+    vocab_axis: str | None = None,
+) -> jax.Array:
+  r"""Softmax cross-entropy with integer class labels, fused, with PyTorch's options.
+
+  For an example with logits :math:`x`, label :math:`y`, class weights :math:`w`
+  (all 1 by default), smoothing :math:`\varepsilon` over :math:`K` classes and
+  :math:`\log p = \mathrm{log\_softmax}(x)`:
+
+  .. math::
+    \ell = (1 - \varepsilon)\, w_y (-\log p_y)
+         + \frac{\varepsilon}{K} \sum_j w_j (-\log p_j)
+         + z \cdot \mathrm{logsumexp}(x)^2
+
+  and the gradient is the closed form ``g * (a * softmax(x) - target)``.
+  ``reduction="mean"`` divides the sum by the summed :math:`w_y` of the examples
+  that count (PyTorch's ``weight`` rule; the count of examples without weights);
+  ignored or masked examples give loss 0 and gradient 0, and a mean over no
+  example is 0.
+
+  Edge cases: a ``-inf`` logit with no target mass contributes nothing; a ``-inf``
+  (or masked) logit carrying target mass gives loss ``inf``. A label outside
+  ``[0, K)`` that is not ``ignore_index`` raises ``ValueError`` when ``labels``
+  is concrete; under ``jit`` no exception can be raised, so that example's loss
+  and gradient are NaN (``take_along_axis`` would silently clamp it). For a real
+  error under ``jit``, wrap the call in ``jax.experimental.checkify.checkify``
+  with ``errors=checkify.float_checks`` or check ``jnp.isnan(loss)``.
+
+  Args:
+    logits: ``[..., num_classes]`` floating logits (bfloat16/float16 are computed
+      in float32 without a float32 copy where XLA can fuse the cast).
+    labels: integer class ids, shaped like ``logits`` without the class axis (or
+      axes); with a tuple ``axis`` a label is a flat index into those axes.
+    axis: the class axis, or a tuple of axes.
+    where: optional boolean mask, either per logit (``logits``' rank: classes left
+      out of the softmax) or per example (the batch's rank: examples left out).
+    ignore_index: a label value whose examples are ignored (PyTorch uses -100).
+    label_smoothing: :math:`\varepsilon \in [0, 1]`, spread over the classes
+      (over the unmasked ones when ``where`` masks logits).
+    class_weights: optional ``[num_classes]`` weights (PyTorch's ``weight``),
+      treated as a constant.
+    z_loss: coefficient of PaLM's auxiliary ``logsumexp(x)**2`` term.
+    reduction: ``"none"`` (per example), ``"mean"`` or ``"sum"``.
+    vocab_axis: inside ``jax.shard_map``, the mesh axis over which the class axis
+      of ``logits`` (and of ``class_weights``) is split in contiguous slices;
+      ``labels`` hold global class ids. The max and the sums are combined with
+      collectives over that axis and the result equals the unsharded loss.
+
+  Returns:
+    float32 (float64 for float64 logits) losses of the batch shape, or a scalar.
+  """
+  check_reduction(reduction)
+  _check_smoothing_and_z(label_smoothing, z_loss)
+  logits = as_logits(logits)
+  labels_in = labels
+  labels = jnp.asarray(labels)
+  if not jnp.issubdtype(labels.dtype, jnp.integer):
+    raise TypeError(
+        "labels must be integer class ids for softmax_cross_entropy_with_integer_labels; "
+        f"got dtype {labels.dtype}. For one-hot or soft labels use softmax_cross_entropy."
+    )
+  if ignore_index is not None and not isinstance(ignore_index, (int, np.integer)):
+    raise TypeError(f"ignore_index must be an int or None; got {ignore_index!r}.")
+  layout = to_class_layout(logits, axis, where)
+  if labels.shape != layout.batch_shape:
+    raise ValueError(
+        f"labels of shape {labels.shape} do not match logits of shape {logits.shape}: "
+        f"with the class axis {axis!r} removed the labels must have shape "
+        f"{layout.batch_shape}."
+    )
+  if vocab_axis is not None and not isinstance(axis, (int, np.integer)):
+    raise ValueError(f"vocab_axis needs a single class axis; got axis={axis!r}.")
+  if class_weights is not None:
+    class_weights = jnp.asarray(class_weights)
+    if class_weights.shape != (layout.num_classes,):
+      raise ValueError(
+          f"class_weights must have shape ({layout.num_classes},), one weight per class of "
+          f"logits of shape {logits.shape}; got shape {class_weights.shape}."
+      )
+  shards_classes = layout.num_classes if vocab_axis is None else None
+  if shards_classes is not None:
+    _check_concrete_labels(labels_in, shards_classes, ignore_index)
+
+  counts = jnp.ones(labels.shape, bool)
+  if ignore_index is not None:
+    counts = labels != ignore_index
+  if layout.example_mask is not None:
+    counts &= layout.example_mask
+  if layout.class_mask is not None:
+    counts &= jnp.any(layout.class_mask, -1)
+  cfg = _IntConfig(float(label_smoothing), float(z_loss), vocab_axis)
+  losses = _int_ce(layout.logits, labels, layout.class_mask, class_weights, counts, cfg)
+  weights = None
+  if reduction == "mean":
+    ct = losses.dtype
+    weights = counts.astype(ct)
+    if class_weights is not None:
+      shards = VocabShards(vocab_axis, layout.logits.shape[-1])
+      local_idx, here = shards.local_index(labels)
+      w_label = jnp.where(here, class_weights.astype(ct)[local_idx], 0.0)
+      weights = weights * shards.psum((w_label,))[0]
+  return reduce_losses(losses, reduction, weights)
+
+
+# --------------------------------------------------------------------- soft labels
+
+
+class _SoftConfig(NamedTuple):
+  label_smoothing: float
+  z_loss: float
+
+
+def _soft_fwd(logits, labels, class_mask, counts, cfg):
+  ct = _dtypes.loss_dtype(logits.dtype)
+  eps, z = cfg.label_smoothing, cfg.z_loss
+  x = mask_logits(logits.astype(ct), class_mask)
+  t = labels.astype(ct)
+  if class_mask is not None:
+    t = jnp.where(class_mask, t, 0.0)
+  if eps > 0:
+    valid = 1.0 if class_mask is None else class_mask.astype(ct)
+    n_valid = x.shape[-1] if class_mask is None else jnp.sum(valid, -1, keepdims=True)
+    t = (1.0 - eps) * t + (eps / n_valid) * valid
+  row_max = jnp.max(x, -1, keepdims=True, initial=-jnp.inf)
+  offset = finite_offset(row_max)
+  sum_exp = jnp.sum(jnp.exp(x - offset), -1)
+  # sum_j t_j (lse - x_j) = T * log_sum + sum_j t_j (max - x_j): every term >= 0.
+  t_dist = jnp.sum(times_allowing_inf(t, distance_below_max(x, offset)), -1)
+  mass = jnp.sum(t, -1)
+  log_sum = jnp.log(sum_exp)
+  lse = row_max[..., 0] + log_sum
+  loss = mass * log_sum + t_dist
+  coef = mass
+  if z > 0:
+    loss = loss + z * jnp.square(lse)
+    coef = coef + 2.0 * z * lse
+  loss = jnp.where(counts, loss, 0.0)
+  return loss, (logits, labels, class_mask, counts, offset[..., 0], log_sum, coef)
+
+
+def _soft_bwd(cfg, res, g):
+  logits, labels, class_mask, counts, offset, log_sum, coef = res
+  ct = log_sum.dtype
+  eps = cfg.label_smoothing
+  x = mask_logits(logits.astype(ct), class_mask)
+  g = jnp.where(counts, g.astype(ct), 0.0)[..., None]
+  lse = (offset + log_sum)[..., None]
+  t = labels.astype(ct)
+  if class_mask is not None:
+    t = jnp.where(class_mask, t, 0.0)
+  if eps > 0:
+    valid = 1.0 if class_mask is None else class_mask.astype(ct)
+    n_valid = x.shape[-1] if class_mask is None else jnp.sum(valid, -1, keepdims=True)
+    t = (1.0 - eps) * t + (eps / n_valid) * valid
+  dlogits = g * (coef[..., None] * probs_from_lse(x, lse) - t)
+  # d loss / d label_j = (1 - eps) * (lse - x_j): +inf at a -inf logit, 0 where masked.
+  dlabels = (1.0 - eps) * g * (log_sum[..., None] + distance_below_max(x, offset[..., None]))
+  if class_mask is not None:
+    dlabels = jnp.where(class_mask, dlabels, 0.0)
+  return dlogits.astype(logits.dtype), dlabels.astype(labels.dtype), None, None
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _soft_ce(logits, labels, class_mask, counts, cfg):
+  return _soft_fwd(logits, labels, class_mask, counts, cfg)[0]
+
+
+_soft_ce.defvjp(_soft_fwd, _soft_bwd)
+
+
+def softmax_cross_entropy(
+    logits: ArrayLike,
+    labels: ArrayLike,
+    axis: Axis = -1,
+    where: ArrayLike | None = None,
+    *,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    reduction: str = "none",
+) -> jax.Array:
+  r"""Softmax cross-entropy against soft (or one-hot) labels, fused.
+
+  With target :math:`t = (1 - \varepsilon)\, y + \varepsilon / K` (``y`` the labels,
+  :math:`K` the number of classes left by ``where``):
+
+  .. math::
+    \ell = -\sum_j t_j \log \mathrm{softmax}(x)_j + z \cdot \mathrm{logsumexp}(x)^2
+
+  computed as :math:`T \log\sum_j e^{x_j - m} + \sum_j t_j (m - x_j)` with
+  :math:`T = \sum_j t_j`, so every term is non-negative. Labels need not sum to 1.
+  The gradient is differentiable with respect to both arguments (distillation):
+  ``d/dlogits = g * ((T + 2 z lse) softmax(x) - t)`` and
+  ``d/dlabels = g * (1 - eps) * (lse - x)``.
+
+  Edge cases: a ``-inf`` logit with zero target mass contributes nothing
+  (``0 * log 0 = 0``) and gets a finite gradient; one carrying target mass gives
+  loss ``inf``. Classes masked out by ``where`` are left out, label mass on them
+  included (as in optax); examples masked out give loss 0 and gradient 0. A
+  ``+inf`` logit gives ``inf`` or NaN. bfloat16/float16 logits are computed in
+  float32; the loss is float32 and each gradient has its argument's dtype.
+
+  Args:
+    logits: ``[..., num_classes]`` floating logits.
+    labels: target probabilities (or one-hot rows) of ``logits``' shape.
+    axis: the class axis, or a tuple of axes.
+    where: optional boolean mask per logit (``logits``' rank) or per example.
+    label_smoothing: :math:`\varepsilon \in [0, 1]`.
+    z_loss: coefficient of the ``logsumexp(x)**2`` auxiliary term.
+    reduction: ``"none"`` (per example), ``"mean"`` (over the examples that count)
+      or ``"sum"``.
+
+  Returns:
+    float32 (float64 for float64 logits) losses of the batch shape, or a scalar.
+  """
+  check_reduction(reduction)
+  _check_smoothing_and_z(label_smoothing, z_loss)
+  logits = as_logits(logits)
+  labels = jnp.asarray(labels)
+  if labels.shape != logits.shape:
+    raise ValueError(
+        f"labels of shape {labels.shape} do not match logits of shape {logits.shape}: "
+        "softmax_cross_entropy takes one target probability per logit. For class ids "
+        "use softmax_cross_entropy_with_integer_labels."
+    )
+  if not jnp.issubdtype(labels.dtype, jnp.floating):
+    labels = labels.astype(_dtypes.loss_dtype(logits.dtype))
+  layout = to_class_layout(logits, axis, where)
+  counts = jnp.ones(layout.batch_shape, bool)
+  if layout.example_mask is not None:
+    counts &= layout.example_mask
+  if layout.class_mask is not None:
+    counts &= jnp.any(layout.class_mask, -1)
+  labels_last = to_class_layout(labels, axis, None).logits
+  cfg = _SoftConfig(float(label_smoothing), float(z_loss))
+  losses = _soft_ce(layout.logits, labels_last, layout.class_mask, counts, cfg)
+  return reduce_losses(losses, reduction, counts.astype(losses.dtype))
+
+
+def _check_smoothing_and_z(label_smoothing, z_loss) -> None:
+  check_nonnegative(label_smoothing, "label_smoothing")
+  check_nonnegative(z_loss, "z_loss")
+  if isinstance(label_smoothing, jax.core.Tracer) or isinstance(z_loss, jax.core.Tracer):
+    raise TypeError("label_smoothing and z_loss are static options: pass Python floats.")
+  if label_smoothing > 1.0:
+    raise ValueError(f"label_smoothing must lie in [0, 1]; got {label_smoothing!r}.")

@@ -1,0 +1,219 @@
+"""KL divergence and entropy of softmax distributions, straight from logits.
+
+Distillation and RL regularisers compare two categorical distributions that are
+often close; the textbook ``sum(q * (log q - log p))`` then subtracts nearly equal
+log-probabilities and loses every significant digit of a small divergence. Here
+the divergence is rewritten (with ``delta = x - t``, ``mu = E_q[delta]``) as
+
+    KL(q || p) = log E_q[exp(delta - mu)] = log1p(E_q[phi(delta - mu)]),
+    phi(z) = exp(z) - 1 - z >= 0,
+
+a mean of non-negative terms whose ``phi`` is taken from its Taylor series near 0,
+so a divergence of 1e-9 keeps its digits. Each op is a ``jax.custom_vjp`` with the
+closed-form gradients ``dKL/dx = p - q``, ``dKL/dt = -q (delta - mu)`` and
+``dH/dx = -p (log p + H)``; residuals are the inputs and per-row numbers.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+from jaxactv import _dtypes
+from jaxactv._arith import times_allowing_inf
+from jaxactv._layout import to_class_layout
+from jaxactv._reduction import reduce_losses
+from jaxactv._softmax import mask_logits, normalize
+from jaxactv._validation import Axis, as_logits, check_reduction
+
+
+def _phi(z: jax.Array) -> jax.Array:
+  """``exp(z) - 1 - z`` (>= 0), accurate near 0 where ``expm1(z) - z`` cancels."""
+  small = jnp.abs(z) < 0.1
+  zs = jnp.where(small, z, 0.0)
+  # Horner form of z^2/2! + z^3/3! + ... + z^8/8!: truncation below 3e-13 relative.
+  series = zs * zs * (1 / 2 + zs * (1 / 6 + zs * (1 / 24 + zs * (1 / 120 + zs * (
+      1 / 720 + zs * (1 / 5040 + zs * (1 / 40320)))))))
+  return jnp.where(small, series, jnp.expm1(z) - z)
+
+
+def _log_norm(x: jax.Array) -> jax.Array:
+  """Per-row logsumexp (keepdims) of masked logits."""
+  return normalize(x, (x.ndim - 1,)).logsumexp
+
+
+# ------------------------------------------------------------------------------ KL
+
+
+def _kl_fwd(logits, target_logits, class_mask, counts):
+  ct = _dtypes.loss_dtype(jnp.promote_types(logits.dtype, target_logits.dtype))
+  x = mask_logits(logits.astype(ct), class_mask)
+  t = mask_logits(target_logits.astype(ct), class_mask)
+  lse_x, lse_t = _log_norm(x), _log_norm(t)
+  q = jnp.exp(t - jnp.where(lse_t == -jnp.inf, 0.0, lse_t))
+  # Classes the target rules out (q = 0, masked or t = -inf) take no part.
+  support = q > 0
+  delta = jnp.where(support, x - t, 0.0)
+  mu = jnp.sum(q * delta, -1, keepdims=True)
+  z = delta - mu
+  # E_q[z] is 0 up to rounding; keeping its rounding r makes the identity exact.
+  r = jnp.sum(q * z, -1)
+  kl = jnp.log1p(jnp.sum(times_allowing_inf(q, _phi(z)), -1) + r) - r
+  # A class the target allows but the prediction rules out makes the divergence infinite.
+  impossible = jnp.any(support & (x == -jnp.inf), -1)
+  kl = jnp.where(impossible, jnp.inf, kl)
+  kl = jnp.where(counts, kl, 0.0)
+  return kl, (logits, target_logits, class_mask, counts, lse_x, lse_t, mu)
+
+
+def _kl_bwd(res, g):
+  logits, target_logits, class_mask, counts, lse_x, lse_t, mu = res
+  ct = lse_x.dtype
+  x = mask_logits(logits.astype(ct), class_mask)
+  t = mask_logits(target_logits.astype(ct), class_mask)
+  g = jnp.where(counts, g.astype(ct), 0.0)[..., None]
+  p = jnp.exp(x - jnp.where(lse_x == -jnp.inf, 0.0, lse_x))
+  q = jnp.exp(t - jnp.where(lse_t == -jnp.inf, 0.0, lse_t))
+  dx = g * (p - q)
+  dt = jnp.where(q > 0, -g * q * ((x - t) - mu), 0.0)
+  return dx.astype(logits.dtype), dt.astype(target_logits.dtype), None, None
+
+
+@jax.custom_vjp
+def _kl(logits, target_logits, class_mask, counts):
+  return _kl_fwd(logits, target_logits, class_mask, counts)[0]
+
+
+_kl.defvjp(_kl_fwd, _kl_bwd)
+
+
+class _Prepared(NamedTuple):
+  logits: jax.Array
+  class_mask: jax.Array | None
+  counts: jax.Array
+
+
+def _prepare(logits, axis, where) -> _Prepared:
+  layout = to_class_layout(logits, axis, where)
+  counts = jnp.ones(layout.batch_shape, bool)
+  if layout.example_mask is not None:
+    counts &= layout.example_mask
+  if layout.class_mask is not None:
+    counts &= jnp.any(layout.class_mask, -1)
+  return _Prepared(layout.logits, layout.class_mask, counts)
+
+
+def kl_divergence_from_logits(
+    logits: ArrayLike,
+    target_logits: ArrayLike,
+    axis: Axis = -1,
+    where: ArrayLike | None = None,
+    *,
+    reduction: str = "none",
+) -> jax.Array:
+  r"""``KL(softmax(target_logits) || softmax(logits))``, accurate even when tiny.
+
+  .. math::
+    \mathrm{KL}(q \,\|\, p) = \sum_j q_j (\log q_j - \log p_j),
+    \quad q = \mathrm{softmax}(t),\ p = \mathrm{softmax}(x)
+
+  the forward (distillation) direction, as ``optax.kl_divergence(log_softmax(x),
+  softmax(t))``. It is computed as ``log1p(E_q[phi(x - t - mu)])`` (see the module
+  docs), so divergences down to ~1e-12 keep their relative precision in float32
+  where the textbook formula returns rounding noise. Both arguments receive
+  gradients: ``dKL/dx = p - q``, ``dKL/dt = -q (x - t - E_q[x - t])``.
+
+  Edge cases: classes with target probability 0 (``-inf`` target logits or
+  masked) contribute nothing; a class with target mass and a ``-inf`` logit makes
+  the divergence ``inf``. Masked examples give 0.
+
+  Args:
+    logits: the model's logits ``[..., num_classes]`` (the distribution ``p``).
+    target_logits: the target's logits, same shape (the distribution ``q``).
+    axis: the class axis, or a tuple of axes.
+    where: optional boolean mask per logit or per example (as in optax).
+    reduction: ``"none"`` (per example), ``"mean"`` or ``"sum"``.
+
+  Returns:
+    float32 (float64 for float64 inputs) divergences, >= 0.
+  """
+  check_reduction(reduction)
+  logits, target_logits = as_logits(logits), as_logits(target_logits, "target_logits")
+  if logits.shape != target_logits.shape:
+    raise ValueError(
+        f"target_logits of shape {target_logits.shape} do not match logits of shape "
+        f"{logits.shape}."
+    )
+  prep = _prepare(logits, axis, where)
+  targets = to_class_layout(target_logits, axis, None).logits
+  kl = _kl(prep.logits, targets, prep.class_mask, prep.counts)
+  return reduce_losses(kl, reduction, prep.counts.astype(kl.dtype))
+
+
+# ------------------------------------------------------------------------- entropy
+
+
+def _entropy_fwd(logits, class_mask, counts):
+  ct = _dtypes.loss_dtype(logits.dtype)
+  x = mask_logits(logits.astype(ct), class_mask)
+  n = normalize(x, (x.ndim - 1,))
+  lse = n.logsumexp
+  p = jnp.exp(x - jnp.where(lse == -jnp.inf, 0.0, lse))
+  # H = lse - sum(p x) = log_sum + sum p (max - x): non-negative terms, 0 * inf = 0.
+  gap = jnp.maximum(n.offset - x, 0.0)
+  h = jnp.log(n.safe_sum_exp)[..., 0] + jnp.sum(times_allowing_inf(p, gap), -1)
+  h = jnp.where(counts, h, 0.0)
+  return h, (logits, class_mask, counts, lse[..., 0], h)
+
+
+def _entropy_bwd(res, g):
+  logits, class_mask, counts, lse, h = res
+  ct = lse.dtype
+  x = mask_logits(logits.astype(ct), class_mask)
+  g = jnp.where(counts, g.astype(ct), 0.0)[..., None]
+  log_p = x - jnp.where(lse == -jnp.inf, 0.0, lse)[..., None]
+  p = jnp.exp(log_p)
+  dx = jnp.where(p > 0, -g * p * (log_p + h[..., None]), 0.0)
+  return dx.astype(logits.dtype), None, None
+
+
+@jax.custom_vjp
+def _entropy(logits, class_mask, counts):
+  return _entropy_fwd(logits, class_mask, counts)[0]
+
+
+_entropy.defvjp(_entropy_fwd, _entropy_bwd)
+
+
+def entropy_from_logits(
+    logits: ArrayLike,
+    axis: Axis = -1,
+    where: ArrayLike | None = None,
+    *,
+    reduction: str = "none",
+) -> jax.Array:
+  r"""Shannon entropy (in nats) of ``softmax(logits)``, with a closed-form gradient.
+
+  .. math::
+    H = -\sum_j p_j \log p_j, \qquad \frac{\partial H}{\partial x_j} = -p_j(\log p_j + H)
+
+  Edge cases: ``-inf`` and masked logits have ``p = 0`` and contribute nothing
+  (``0 log 0 = 0``), with gradient 0; masked examples give 0.
+
+  Args:
+    logits: ``[..., num_classes]`` floating logits.
+    axis: the class axis, or a tuple of axes.
+    where: optional boolean mask per logit or per example.
+    reduction: ``"none"`` (per example), ``"mean"`` or ``"sum"``.
+
+  Returns:
+    float32 (float64 for float64 logits) entropies in ``[0, log num_classes]``.
+  """
+  check_reduction(reduction)
+  logits = as_logits(logits)
+  prep = _prepare(logits, axis, where)
+  h = _entropy(prep.logits, prep.class_mask, prep.counts)
+  return reduce_losses(h, reduction, prep.counts.astype(h.dtype))

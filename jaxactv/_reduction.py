@@ -1,0 +1,38 @@
+"""How per-example losses become the number a user asked for.
+
+``reduction="none"`` returns the per-example losses. ``"sum"`` adds them.
+``"mean"`` divides that sum by the total *weight* of the examples that count:
+their number, or, with class weights, the sum of the weights of their target
+classes (PyTorch's rule). Ignored and masked examples weigh 0. When nothing
+counts, the mean is 0 (not NaN) and so is its gradient.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxactv._validation import check_reduction
+
+
+def reduce_losses(
+    losses: jax.Array, reduction: str, weights: jax.Array | None = None
+) -> jax.Array:
+  """Reduce per-example ``losses`` (0 wherever an example does not count).
+
+  Args:
+    losses: per-example losses, already 0 for examples that do not count.
+    reduction: "none", "mean" or "sum".
+    weights: the mean's per-example denominators, same shape as ``losses``; None
+      means every example counts once.
+  """
+  check_reduction(reduction)
+  if reduction == "none":
+    return losses
+  total = jnp.sum(losses)
+  if reduction == "sum":
+    return total
+  denom = jnp.asarray(losses.size, losses.dtype) if weights is None else jnp.sum(weights)
+  denom = jax.lax.stop_gradient(denom)
+  return total / jnp.where(denom == 0, 1.0, denom).astype(losses.dtype)
+
