@@ -14,6 +14,9 @@ from jaxactv._cross_entropy import (
 )
 from jaxactv._divergence import entropy_from_logits as entropy_from_logits
 from jaxactv._divergence import kl_divergence_from_logits as kl_divergence_from_logits
+from jaxactv._linear_cross_entropy import (
+    linear_softmax_cross_entropy as linear_softmax_cross_entropy,
+)
 from jaxactv._sigmoid import log_sigmoid as log_sigmoid
 from jaxactv._sigmoid import sigmoid as sigmoid
 from jaxactv._softmax import log_softmax as log_softmax
@@ -26,6 +29,7 @@ __all__ = [
     "__version__",
     "entropy_from_logits",
     "kl_divergence_from_logits",
+    "linear_softmax_cross_entropy",
     "log_sigmoid",
     "log_softmax",
     "logsumexp",

@@ -129,11 +129,11 @@ def _int_fwd(logits, labels, class_mask, class_weights, counts, cfg):
 def _int_bwd(cfg, res, g):
   logits, labels, class_mask, class_weights, lse, coef, spread, scale = res
   ct = lse.dtype
-  shards = VocabShards(cfg.vocab_axis, logits.shape[-1])
+  shards = VocabShards(cfg.vocab_axis, logits.shape[-1], sharded=logits)
   x = mask_logits(logits.astype(ct), class_mask)
   probs = probs_from_lse(x, lse[..., None])
   w = None if class_weights is None else class_weights.astype(ct)
-  g = g.astype(ct) * scale
+  g = shards.full_cotangent(g.astype(ct)) * scale
   dx = (g * coef)[..., None] * probs
   if cfg.label_smoothing > 0:
     spread = spread[..., None] * (1.0 if w is None else w)
@@ -165,7 +165,7 @@ def _int_ce(logits, labels, class_mask, class_weights, counts, cfg):
 _int_ce.defvjp(_int_fwd, _int_bwd)
 
 
-def _check_concrete_labels(labels, num_classes: int, ignore_index: int | None) -> None:
+def check_concrete_labels(labels, num_classes: int, ignore_index: int | None) -> None:
   """Raise on an out-of-range label when the labels are known (not traced)."""
   if isinstance(labels, jax.core.Tracer):
     return
@@ -245,7 +245,7 @@ def softmax_cross_entropy_with_integer_labels(
     float32 (float64 for float64 logits) losses of the batch shape, or a scalar.
   """
   check_reduction(reduction)
-  _check_smoothing_and_z(label_smoothing, z_loss)
+  check_smoothing_and_z(label_smoothing, z_loss)
   logits = as_logits(logits)
   labels_in = labels
   labels = jnp.asarray(labels)
@@ -274,7 +274,7 @@ def softmax_cross_entropy_with_integer_labels(
       )
   shards_classes = layout.num_classes if vocab_axis is None else None
   if shards_classes is not None:
-    _check_concrete_labels(labels_in, shards_classes, ignore_index)
+    check_concrete_labels(labels_in, shards_classes, ignore_index)
 
   counts = jnp.ones(labels.shape, bool)
   if ignore_index is not None:
@@ -408,7 +408,7 @@ def softmax_cross_entropy(
     float32 (float64 for float64 logits) losses of the batch shape, or a scalar.
   """
   check_reduction(reduction)
-  _check_smoothing_and_z(label_smoothing, z_loss)
+  check_smoothing_and_z(label_smoothing, z_loss)
   logits = as_logits(logits)
   labels = jnp.asarray(labels)
   if labels.shape != logits.shape:
@@ -431,7 +431,7 @@ def softmax_cross_entropy(
   return reduce_losses(losses, reduction, counts.astype(losses.dtype))
 
 
-def _check_smoothing_and_z(label_smoothing, z_loss) -> None:
+def check_smoothing_and_z(label_smoothing, z_loss) -> None:
   check_nonnegative(label_smoothing, "label_smoothing")
   check_nonnegative(z_loss, "z_loss")
   if isinstance(label_smoothing, jax.core.Tracer) or isinstance(z_loss, jax.core.Tracer):

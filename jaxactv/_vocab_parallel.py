@@ -5,6 +5,16 @@ slice of the classes. A loss combines the per-device row maxima with ``pmax`` an
 its per-device sums with a single ``psum``; the class slices are never gathered.
 With ``vocab_axis=None`` every collective is the identity, so one code path
 serves both cases.
+
+Cotangents. A loss is replicated over the vocabulary axis while its gradient for
+the class slices is not, and ``shard_map`` hands a replicated output's cotangent
+to the devices in one of two ways. With ``check_vma=True`` (the default) every
+device receives the whole cotangent and an input replicated over the axis must
+get back a replicated cotangent: the partial ``dx`` of each shard is summed here.
+With ``check_vma=False`` each device receives ``1/n`` of it and ``shard_map``
+itself sums the cotangents of replicated inputs: the cotangent is summed here
+first, and the partial ``dx`` is handed back as it is. Getting this wrong is off
+by a factor of ``n``; the tests check both modes against the unsharded loss.
 """
 
 from __future__ import annotations
@@ -14,12 +24,26 @@ import jax.numpy as jnp
 from jax import lax
 
 
-class VocabShards:
-  """Collectives over ``axis`` (or no-ops when ``axis`` is None) for a class slice."""
+def _varying_axes(a: jax.Array) -> frozenset:
+  """The mesh axes ``a`` varies over inside ``shard_map`` (empty when unchecked)."""
+  aval = jax.typeof(a)
+  vma = getattr(aval, "vma", None)
+  if vma is None:
+    vma = getattr(getattr(aval, "manual_axis_type", None), "varying", frozenset())
+  return frozenset(vma)
 
-  def __init__(self, axis: str | None, local_classes: int):
+
+class VocabShards:
+  """Collectives over ``axis`` (or no-ops when ``axis`` is None) for a class slice.
+
+  ``sharded`` is an operand split over ``axis`` (the logits or the weights); its
+  type tells whether ``shard_map`` checks replication (see the module docs).
+  """
+
+  def __init__(self, axis: str | None, local_classes: int, sharded: jax.Array | None = None):
     self.axis = axis
     self.local_classes = local_classes
+    self.checked = sharded is not None and axis in _varying_axes(sharded)
     if axis is None:
       self.num_shards = 1
       self.offset = 0
@@ -49,6 +73,18 @@ class VocabShards:
       return xs
     stacked = lax.psum(jnp.stack(jnp.broadcast_arrays(*xs)), self.axis)
     return tuple(stacked[i] for i in range(len(xs)))
+
+  def full_cotangent(self, g: jax.Array) -> jax.Array:
+    """The whole cotangent of a replicated output, in either ``check_vma`` mode."""
+    if self.axis is None or self.checked:
+      return g
+    return lax.psum(g, self.axis)
+
+  def replicated_cotangent(self, partial: jax.Array) -> jax.Array:
+    """The cotangent for a replicated input whose shards each hold a partial sum."""
+    if self.axis is None or not self.checked:
+      return partial
+    return lax.psum(partial, self.axis)
 
   def local_index(self, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Each global class id as an index into this shard's slice, and whether it is here."""

@@ -29,6 +29,7 @@ from jaxactv._validation import Axis, canonical_axes, check_reduction
 __all__ = [
     "entropy_from_logits",
     "kl_divergence_from_logits",
+    "linear_softmax_cross_entropy",
     "log_sigmoid",
     "log_softmax",
     "logsumexp",
@@ -226,3 +227,29 @@ def entropy_from_logits(logits, axis=-1, where=None, *, reduction="none"):
   if lay.example_mask is not None:
     counts &= lay.example_mask
   return _reduce(jnp.where(counts, h, 0.0), reduction, counts)
+
+
+def linear_softmax_cross_entropy(
+    x, w, labels, *, bias=None, ignore_index=None, label_smoothing=0.0, z_loss=0.0,
+    logit_softcap=None, reduction="mean", chunk_size=None, vocab_axis=None,
+):
+  """``x @ w + bias`` (soft-capped), then integer-label cross-entropy: the unfused version.
+
+  ``chunk_size`` is accepted and ignored: the twin forms all the logits at once.
+  """
+  del chunk_size
+  x, w = jnp.asarray(x), jnp.asarray(w)
+  ct = jnp.promote_types(jnp.promote_types(x.dtype, w.dtype), jnp.float32)
+  if vocab_axis is not None:  # gather the vocabulary: obviously right, never fast
+    w = lax.all_gather(w, vocab_axis, axis=1, tiled=True)
+    if bias is not None:
+      bias = lax.all_gather(jnp.asarray(bias), vocab_axis, tiled=True)
+  logits = jnp.einsum("...d,dv->...v", x, w, preferred_element_type=ct)
+  if bias is not None:
+    logits = logits + jnp.asarray(bias).astype(ct)
+  if logit_softcap is not None:
+    logits = logit_softcap * jnp.tanh(logits / logit_softcap)
+  return softmax_cross_entropy_with_integer_labels(
+      logits, labels, ignore_index=ignore_index, label_smoothing=label_smoothing,
+      z_loss=z_loss, reduction=reduction,
+  )

@@ -9,6 +9,7 @@ ACTIVATIONS = {"log_sigmoid", "log_softmax", "logsumexp", "sigmoid", "softmax"}
 LOSSES = {
     "entropy_from_logits",
     "kl_divergence_from_logits",
+    "linear_softmax_cross_entropy",
     "sigmoid_binary_cross_entropy",
     "sigmoid_focal_loss",
     "softmax_cross_entropy",
