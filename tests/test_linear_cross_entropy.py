@@ -1,0 +1,296 @@
+"""linear_softmax_cross_entropy against the unfused x @ w + cross-entropy.
+
+Expected values come from jaxactv.reference (the logits formed in full, then the
+textbook loss), float64 NumPy, and optax; never from the fused op itself.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.extend
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jaxactv
+from jaxactv import reference
+
+RNG = np.random.default_rng(0)
+
+
+def _problem(n=37, d=16, v=2049, scale=0.3, dtype=np.float32, seed=0):
+  rng = np.random.default_rng(seed)
+  x = rng.standard_normal((n, d)).astype(dtype)
+  w = (scale * rng.standard_normal((d, v))).astype(dtype)
+  b = (0.1 * rng.standard_normal(v)).astype(dtype)
+  y = rng.integers(0, v, n).astype(np.int32)
+  return x, w, b, y
+
+
+def _value_and_grads(f, x, w, b):
+  return jax.jit(jax.value_and_grad(lambda x, w, b: f(x, w, b).sum(), (0, 1, 2)))(x, w, b)
+
+
+def _assert_close_to_reference(options, chunk_size, x, w, b, y, rtol=1e-5, grad_rtol=1e-4):
+  fused = lambda x, w, b: jaxactv.linear_softmax_cross_entropy(
+      x, w, y, bias=b, chunk_size=chunk_size, **options
+  )
+  unfused = lambda x, w, b: reference.linear_softmax_cross_entropy(x, w, y, bias=b, **options)
+  np.testing.assert_allclose(
+      jax.jit(fused)(x, w, b), unfused(x, w, b), rtol=rtol, atol=1e-6
+  )
+  (_, grads), (_, ref_grads) = _value_and_grads(fused, x, w, b), _value_and_grads(unfused, x, w, b)
+  for name, g, r in zip("xwb", grads, ref_grads, strict=True):
+    scale = np.abs(np.asarray(r)).max()
+    np.testing.assert_allclose(g, r, rtol=0, atol=grad_rtol * scale, err_msg=f"d{name}")
+
+
+OPTIONS = [
+    {},
+    {"reduction": "none"},
+    {"reduction": "sum"},
+    {"label_smoothing": 0.1},
+    {"z_loss": 1e-3, "reduction": "none"},
+    {"logit_softcap": 3.0},
+    {"logit_softcap": 3.0, "label_smoothing": 0.2, "z_loss": 1e-4, "reduction": "none"},
+]
+
+# None (the default rule), rows only, and (rows, classes per slice) with a slice width that
+# leaves a narrower last slice (2049 = 2 * 1024 + 1 and 2049 = 2 * 700 + 649).
+CHUNKS = [None, 8, (8, 1024), (16, 700)]
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: ",".join(o) or "plain")
+@pytest.mark.parametrize("chunk_size", CHUNKS, ids=str)
+def test_matches_unfused_on_uneven_shapes(options, chunk_size):
+  # N = 37 is not a multiple of any chunk and V = 2049 is odd.
+  x, w, b, y = _problem()
+  _assert_close_to_reference(options, chunk_size, x, w, b, y)
+
+
+def test_ignore_index_rows_count_for_nothing():
+  x, w, b, y = _problem()
+  y = y.copy()
+  y[::3] = -100
+  for reduction in ("mean", "sum", "none"):
+    _assert_close_to_reference(
+        {"ignore_index": -100, "reduction": reduction}, (8, 700), x, w, b, y
+    )
+  losses = jaxactv.linear_softmax_cross_entropy(x, w, y, ignore_index=-100, reduction="none")
+  assert np.all(np.asarray(losses)[::3] == 0)
+  dx = jax.grad(lambda x: jaxactv.linear_softmax_cross_entropy(x, w, y, ignore_index=-100))(x)
+  assert np.all(np.asarray(dx)[::3] == 0)
+
+
+def test_mean_over_ignored_tokens_only_is_zero():
+  x, w, _, y = _problem(n=5)
+  y = np.full_like(y, -1)
+  loss, dx = jax.value_and_grad(
+      lambda x: jaxactv.linear_softmax_cross_entropy(x, w, y, ignore_index=-1)
+  )(x)
+  assert float(loss) == 0.0 and np.all(np.asarray(dx) == 0)
+
+
+def test_padded_classes_never_enter_the_softmax():
+  # Logits of O(1): a zero logit added for a padded class would move the loss visibly.
+  rng = np.random.default_rng(1)
+  n, d, v = 13, 8, 2049
+  x = rng.standard_normal((n, d)).astype(np.float32)
+  w = (0.05 * rng.standard_normal((d, v))).astype(np.float32)
+  y = rng.integers(0, v, n).astype(np.int32)
+  logits = x.astype(np.float64) @ w.astype(np.float64)
+  m = logits.max(-1, keepdims=True)
+  lse = (m + np.log(np.exp(logits - m).sum(-1, keepdims=True)))[:, 0]
+  expected = np.mean(lse - logits[np.arange(n), y])
+  with_zero_column = np.mean(np.logaddexp(lse, 0.0) - logits[np.arange(n), y])
+  assert abs(with_zero_column - expected) > 1e-4  # the test can tell padding apart
+  for chunk in [(8, 1024), (8, 128), (5, 2048)]:
+    got = jaxactv.linear_softmax_cross_entropy(x, w, y, chunk_size=chunk)
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+
+
+def test_leading_batch_dimensions():
+  x, w, b, y = _problem(n=24)
+  x3, y3 = x.reshape(2, 3, 4, -1), y.reshape(2, 3, 4)
+  got = jaxactv.linear_softmax_cross_entropy(x3, w, y3, bias=b, reduction="none", chunk_size=5)
+  assert got.shape == (2, 3, 4)
+  want = reference.linear_softmax_cross_entropy(x, w, y, bias=b, reduction="none")
+  np.testing.assert_allclose(np.asarray(got).reshape(-1), want, rtol=1e-5)
+
+
+def test_agrees_with_optax_unfused():
+  x, w, _, y = _problem(n=64, d=32, v=1000)
+  fused, dfused = jax.value_and_grad(
+      lambda x, w: jaxactv.linear_softmax_cross_entropy(x, w, y, chunk_size=16), (0, 1)
+  )(x, w)
+  peer, dpeer = jax.value_and_grad(
+      lambda x, w: optax.softmax_cross_entropy_with_integer_labels(x @ w, y).mean(), (0, 1)
+  )(x, w)
+  np.testing.assert_allclose(fused, peer, rtol=1e-5)
+  for g, r in zip(dfused, dpeer, strict=True):
+    np.testing.assert_allclose(g, r, rtol=0, atol=1e-4 * np.abs(np.asarray(r)).max())
+
+
+def test_softcap_gradient_has_the_chain_rule_factor():
+  # With a tight cap most logits saturate: without the 1 - tanh^2 factor the gradient is off.
+  x, w, b, y = _problem(n=9, v=300, scale=2.0)
+  _assert_close_to_reference({"logit_softcap": 1.5}, 4, x, w, b, y)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_half_precision_inputs(dtype):
+  x, w, _, y = _problem(n=40, d=32, v=3000)
+  xh, wh = jnp.asarray(x, dtype), jnp.asarray(w, dtype)
+  loss = jaxactv.linear_softmax_cross_entropy(xh, wh, y, chunk_size=(16, 1024))
+  assert loss.dtype == jnp.float32
+  # The same half-precision values in float32: the products are exact, only the order of
+  # the float32 accumulation differs.
+  want = reference.linear_softmax_cross_entropy(
+      xh.astype(jnp.float32), wh.astype(jnp.float32), y
+  )
+  np.testing.assert_allclose(loss, want, rtol=1e-4)
+  dx, dw = jax.grad(lambda x, w: jaxactv.linear_softmax_cross_entropy(x, w, y), (0, 1))(xh, wh)
+  assert dx.dtype == dtype and dw.dtype == dtype
+  ref_dx = jax.grad(reference.linear_softmax_cross_entropy)(xh.astype(jnp.float32), wh.astype(
+      jnp.float32), y)
+  np.testing.assert_allclose(
+      np.asarray(dx, np.float32), ref_dx, rtol=0, atol=2e-2 * np.abs(ref_dx).max()
+  )
+
+
+def test_float64_when_enabled():
+  with jax.enable_x64(True):
+    x, w, b, y = _problem(n=11, v=77, dtype=np.float64)
+    got = jaxactv.linear_softmax_cross_entropy(x, w, y, bias=b, chunk_size=(4, 30))
+    assert got.dtype == jnp.float64
+    logits = x @ w + b
+    m = logits.max(-1, keepdims=True)
+    lse = (m + np.log(np.exp(logits - m).sum(-1, keepdims=True)))[:, 0]
+    np.testing.assert_allclose(got, np.mean(lse - logits[np.arange(11), y]), rtol=1e-13)
+
+
+def test_out_of_range_labels():
+  x, w, _, y = _problem(n=6, v=50)
+  bad = y.copy()
+  bad[2] = 50
+  with pytest.raises(ValueError, match=r"50.*50 classes"):
+    jaxactv.linear_softmax_cross_entropy(x, w, bad)
+  losses = jax.jit(
+      lambda x, y: jaxactv.linear_softmax_cross_entropy(x, w, y, reduction="none")
+  )(x, bad)
+  losses = np.asarray(losses)
+  assert np.isnan(losses[2]) and np.all(np.isfinite(np.delete(losses, 2)))
+  want = reference.linear_softmax_cross_entropy(x, w, y, reduction="none")
+  np.testing.assert_allclose(np.delete(losses, 2), np.delete(np.asarray(want), 2), rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "pattern"),
+    [
+        ({"w": np.ones((5, 7), np.float32)}, ValueError, r"\(6, 4\).*\(5, 7\)"),
+        ({"labels": np.zeros((3,), np.int32)}, ValueError, r"\(3,\).*\(6,\)"),
+        ({"chunk_size": 0}, ValueError, "chunk_size"),
+        ({"chunk_size": (4, 0)}, ValueError, "chunk_size"),
+        ({"logit_softcap": 0.0}, ValueError, "logit_softcap"),
+        ({"logit_softcap": -2.0}, ValueError, "logit_softcap"),
+        ({"reduction": "avg"}, ValueError, "none.*mean.*sum"),
+        ({"labels": np.zeros((6,), np.float32)}, TypeError, "integer"),
+        ({"bias": np.zeros((3,), np.float32)}, ValueError, "bias"),
+        ({"label_smoothing": -0.1}, ValueError, "label_smoothing"),
+        ({"vocab_axis": "vocab"}, ValueError, "shard_map"),
+    ],
+)
+def test_bad_input(kwargs, error, pattern):
+  args = {
+      "x": np.ones((6, 4), np.float32),
+      "w": np.ones((4, 7), np.float32),
+      "labels": np.zeros((6,), np.int32),
+  }
+  args.update(kwargs)
+  x, w, labels = args.pop("x"), args.pop("w"), args.pop("labels")
+  with pytest.raises(error, match=pattern):
+    jaxactv.linear_softmax_cross_entropy(x, w, labels, **args)
+
+
+# ------------------------------------------------------------------ memory and work
+
+
+def _all_eqns(jaxpr):
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      yield from _all_eqns(sub)
+
+
+def test_no_array_the_size_of_the_logits_exists():
+  n, d, v = 512, 32, 4096
+  x = jnp.ones((n, d))
+  w = jnp.ones((d, v))
+  y = jnp.zeros((n,), jnp.int32)
+  for reduction in ("mean", "none"):
+    f = jax.value_and_grad(
+        lambda x, w, r=reduction: jaxactv.linear_softmax_cross_entropy(
+            x, w, y, reduction=r, chunk_size=64
+        ).sum(),
+        (0, 1),
+    )
+    jaxpr = jax.make_jaxpr(f)(x, w).jaxpr
+    sizes = [
+        int(np.prod(var.aval.shape))
+        for eqn in _all_eqns(jaxpr)
+        for var in eqn.outvars
+        if hasattr(var.aval, "shape")
+    ]
+    assert max(sizes) <= 64 * v, (reduction, max(sizes))
+    assert max(sizes) < n * v
+
+
+def _count_matmuls(f, *args):
+  jaxpr = jax.make_jaxpr(f)(*args).jaxpr
+  return sum(eqn.primitive.name == "dot_general" for eqn in _all_eqns(jaxpr))
+
+
+def test_matmul_count():
+  # Each scan body is traced once, so these are matmuls per chunk.
+  x, w, _, y = _problem(n=32, d=8, v=100)
+  fused = lambda r: lambda x, w: jaxactv.linear_softmax_cross_entropy(
+      x, w, y, reduction=r, chunk_size=8
+  ).sum()
+  for reduction in ("mean", "sum"):
+    assert _count_matmuls(jax.value_and_grad(fused(reduction), (0, 1)), x, w) == 3
+    assert _count_matmuls(fused(reduction), x, w) == 1  # no gradient work without grad
+  assert _count_matmuls(jax.value_and_grad(fused("none"), (0, 1)), x, w) == 4
+
+
+def test_memory_is_a_fraction_of_the_unfused_version():
+  # Compiler memory analysis: deterministic, not a timing.
+  n, d, v = 2048, 64, 8192
+  args = (
+      jax.ShapeDtypeStruct((n, d), jnp.float32),
+      jax.ShapeDtypeStruct((d, v), jnp.float32),
+      jax.ShapeDtypeStruct((n,), jnp.int32),
+  )
+
+  def temp_bytes(f):
+    compiled = jax.jit(jax.value_and_grad(f, (0, 1))).lower(*args).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+  # 256-row chunks: 1/8 of the tokens per block (the default rule would use 1024 rows,
+  # half of this small problem; the full-size comparison is in benchmarks/).
+  fused = temp_bytes(lambda x, w, y: jaxactv.linear_softmax_cross_entropy(x, w, y, chunk_size=256))
+  unfused = temp_bytes(
+      lambda x, w, y: optax.softmax_cross_entropy_with_integer_labels(x @ w, y).mean()
+  )
+  assert unfused >= n * v * 4  # it holds the logits
+  assert fused * 4 < unfused, (fused, unfused)
+
+
+def test_default_chunk_rule():
+  from jaxactv._linear_cross_entropy import BLOCK_BYTES, default_chunks
+
+  rows, width = default_chunks(100_000, 32768)
+  assert width == 32768 and rows * width * 4 <= BLOCK_BYTES and rows % 8 == 0
+  rows, width = default_chunks(100_000, 262144)
+  assert width < 262144 and width % 128 == 0 and rows * width * 4 <= BLOCK_BYTES
+  assert default_chunks(5, 1000) == (8, 1000)
