@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml | $(PY)
 	touch $@
 
 demo: $(STAMP)
-	$(PY) examples/activations_tour.py
+	$(PY) examples/train_digits.py
 
 test: $(STAMP)
 	$(PY) -m ruff check .
