@@ -37,6 +37,11 @@ def _sum_to_shape(a: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   return jnp.sum(a, axes, keepdims=True) if axes else a
 
 
+def _masked(a: jax.Array, where: jax.Array | None) -> jax.Array:
+  # Select, not multiply by a zeroed cotangent: a masked NaN must give gradient 0.
+  return a if where is None else jnp.where(where, a, 0.0)
+
+
 def _prepare_labels(logits, labels, name="labels"):
   labels = jnp.asarray(labels)
   if labels.shape != logits.shape:
@@ -100,8 +105,6 @@ def _bce_bwd(cfg, res, g):
   ct = _dtypes.loss_dtype(logits.dtype)
   x, _, pos, neg = _bce_parts(logits, labels, pos_weight, cfg, ct)
   g = g.astype(ct)
-  if where is not None:
-    g = jnp.where(where, g, 0.0)
   # d/dx = (pos + neg) sigmoid(x) - pos = neg sigmoid(x) - pos sigmoid(-x): sigmoid(x) - y
   # without pos_weight, written so that it keeps its precision when sigmoid(x) ~ y.
   dx = g * (neg * stable_sigmoid(x) - pos * stable_sigmoid(-x))
@@ -117,7 +120,9 @@ def _bce_bwd(cfg, res, g):
     if cfg.label_smoothing > 0:
       y = (1.0 - cfg.label_smoothing) * y + 0.5 * cfg.label_smoothing
     soft_neg = times_allowing_inf(y, jnp.maximum(-x, 0.0)) + y * tail
-    dpw = _sum_to_shape(g * soft_neg, pos_weight.shape).astype(pos_weight.dtype)
+    dpw = _sum_to_shape(_masked(g * soft_neg, where), pos_weight.shape)
+    dpw = dpw.astype(pos_weight.dtype)
+  dx, dy = _masked(dx, where), _masked(dy, where)
   return dx.astype(logits.dtype), dy.astype(labels.dtype), dpw, None
 
 
@@ -231,8 +236,6 @@ def _focal_bwd(res, g):
       logits, labels, alpha_c, gamma, ct
   )
   g = g.astype(ct)
-  if where is not None:
-    g = jnp.where(where, g, 0.0)
   weight = jnp.exp(gamma_c * log_u)  # (1 - p_t)^gamma
   # d(1 - p_t)/dx = (1 - 2y) p q, so d weight/dx = gamma (1 - 2y) u^(gamma-1) p q, taken as
   # one exp of a sum of logs: finite for every gamma >= 0 and finite x, where
@@ -249,10 +252,11 @@ def _focal_bwd(res, g):
   dy = g * (alpha_t * (dweight_dy * ce + weight * dce_dy) + dalpha_t_dy * weight * ce)
   dalpha = dgamma = None
   if alpha is not None:
-    dalpha = _sum_to_shape(g * (2.0 * y - 1.0) * weight * ce, jnp.shape(alpha))
+    dalpha = _sum_to_shape(_masked(g * (2.0 * y - 1.0) * weight * ce, where), jnp.shape(alpha))
     dalpha = dalpha.astype(jnp.result_type(alpha))
-  dgamma = _sum_to_shape(g * alpha_t * weight * ce * log_u, jnp.shape(gamma))
+  dgamma = _sum_to_shape(_masked(g * alpha_t * weight * ce * log_u, where), jnp.shape(gamma))
   dgamma = dgamma.astype(jnp.result_type(gamma))
+  dx, dy = _masked(dx, where), _masked(dy, where)
   return dx.astype(logits.dtype), dy.astype(labels.dtype), dalpha, dgamma, None
 
 

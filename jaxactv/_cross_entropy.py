@@ -146,6 +146,8 @@ def _int_bwd(cfg, res, g):
   w_label = 1.0 if w is None else w[local_idx]
   at_label = jnp.where(here, g * (1.0 - cfg.label_smoothing) * w_label, 0.0)
   dx = _subtract_at(dx, local_idx, at_label)
+  # Select, not multiply: an ignored or masked row full of NaN must get gradient 0.
+  dx = jnp.where((scale != 0)[..., None], dx, 0.0)
   return dx.astype(logits.dtype), None, None, None, None
 
 
@@ -276,13 +278,9 @@ def softmax_cross_entropy_with_integer_labels(
   if shards_classes is not None:
     check_concrete_labels(labels_in, shards_classes, ignore_index)
 
-  counts = jnp.ones(labels.shape, bool)
+  counts = layout.counted()
   if ignore_index is not None:
-    counts = labels != ignore_index
-  if layout.example_mask is not None:
-    counts &= layout.example_mask
-  if layout.class_mask is not None:
-    counts &= jnp.any(layout.class_mask, -1)
+    counts &= labels != ignore_index
   cfg = _IntConfig(float(label_smoothing), float(z_loss), vocab_axis)
   losses = _int_ce(layout.logits, labels, layout.class_mask, class_weights, counts, cfg)
   weights = None
@@ -305,17 +303,23 @@ class _SoftConfig(NamedTuple):
   z_loss: float
 
 
-def _soft_fwd(logits, labels, class_mask, counts, cfg):
-  ct = _dtypes.loss_dtype(logits.dtype)
-  eps, z = cfg.label_smoothing, cfg.z_loss
-  x = mask_logits(logits.astype(ct), class_mask)
+def _targets(labels, class_mask, eps, ct):
+  """``(1 - eps) * labels + eps / K`` over the classes left by the mask (0 elsewhere)."""
   t = labels.astype(ct)
   if class_mask is not None:
     t = jnp.where(class_mask, t, 0.0)
   if eps > 0:
     valid = 1.0 if class_mask is None else class_mask.astype(ct)
-    n_valid = x.shape[-1] if class_mask is None else jnp.sum(valid, -1, keepdims=True)
+    n_valid = t.shape[-1] if class_mask is None else jnp.sum(valid, -1, keepdims=True)
     t = (1.0 - eps) * t + (eps / n_valid) * valid
+  return t
+
+
+def _soft_fwd(logits, labels, class_mask, counts, cfg):
+  ct = _dtypes.loss_dtype(logits.dtype)
+  eps, z = cfg.label_smoothing, cfg.z_loss
+  x = mask_logits(logits.astype(ct), class_mask)
+  t = _targets(labels, class_mask, eps, ct)
   row_max = jnp.max(x, -1, keepdims=True, initial=-jnp.inf)
   offset = finite_offset(row_max)
   sum_exp = jnp.sum(jnp.exp(x - offset), -1)
@@ -338,20 +342,16 @@ def _soft_bwd(cfg, res, g):
   ct = log_sum.dtype
   eps = cfg.label_smoothing
   x = mask_logits(logits.astype(ct), class_mask)
-  g = jnp.where(counts, g.astype(ct), 0.0)[..., None]
+  g = g.astype(ct)[..., None]
   lse = (offset + log_sum)[..., None]
-  t = labels.astype(ct)
-  if class_mask is not None:
-    t = jnp.where(class_mask, t, 0.0)
-  if eps > 0:
-    valid = 1.0 if class_mask is None else class_mask.astype(ct)
-    n_valid = x.shape[-1] if class_mask is None else jnp.sum(valid, -1, keepdims=True)
-    t = (1.0 - eps) * t + (eps / n_valid) * valid
+  t = _targets(labels, class_mask, eps, ct)
   dlogits = g * (coef[..., None] * probs_from_lse(x, lse) - t)
   # d loss / d label_j = (1 - eps) * (lse - x_j): +inf at a -inf logit, 0 where masked.
   dlabels = (1.0 - eps) * g * (log_sum[..., None] + distance_below_max(x, offset[..., None]))
-  if class_mask is not None:
-    dlabels = jnp.where(class_mask, dlabels, 0.0)
+  # Select, not multiply: a masked example full of NaN must get gradient 0.
+  keep = counts[..., None] if class_mask is None else counts[..., None] & class_mask
+  dlogits = jnp.where(counts[..., None], dlogits, 0.0)
+  dlabels = jnp.where(keep, dlabels, 0.0)
   return dlogits.astype(logits.dtype), dlabels.astype(labels.dtype), None, None
 
 
@@ -420,11 +420,7 @@ def softmax_cross_entropy(
   if not jnp.issubdtype(labels.dtype, jnp.floating):
     labels = labels.astype(_dtypes.loss_dtype(logits.dtype))
   layout = to_class_layout(logits, axis, where)
-  counts = jnp.ones(layout.batch_shape, bool)
-  if layout.example_mask is not None:
-    counts &= layout.example_mask
-  if layout.class_mask is not None:
-    counts &= jnp.any(layout.class_mask, -1)
+  counts = layout.counted()
   labels_last = to_class_layout(labels, axis, None).logits
   cfg = _SoftConfig(float(label_smoothing), float(z_loss))
   losses = _soft_ce(layout.logits, labels_last, layout.class_mask, counts, cfg)

@@ -9,14 +9,13 @@ the divergence is rewritten (with ``delta = x - t``, ``mu = E_q[delta]``) as
     phi(z) = exp(z) - 1 - z >= 0,
 
 a mean of non-negative terms whose ``phi`` is taken from its Taylor series near 0,
-so a divergence of 1e-9 keeps its digits. Each op is a ``jax.custom_vjp`` with the
+so a divergence of 1e-9 keeps its digits; classes outside the target's support
+add ``-log(1 - p_out)`` for the prediction's mass there. Each op is a ``jax.custom_vjp`` with the
 closed-form gradients ``dKL/dx = p - q``, ``dKL/dt = -q (delta - mu)`` and
 ``dH/dx = -p (log p + H)``; residuals are the inputs and per-row numbers.
 """
 
 from __future__ import annotations
-
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -53,20 +52,33 @@ def _kl_fwd(logits, target_logits, class_mask, counts):
   x = mask_logits(logits.astype(ct), class_mask)
   t = mask_logits(target_logits.astype(ct), class_mask)
   lse_x, lse_t = _log_norm(x), _log_norm(t)
-  q = jnp.exp(t - jnp.where(lse_t == -jnp.inf, 0.0, lse_t))
-  # Classes the target rules out (q = 0, masked or t = -inf) take no part.
+  log_q = t - jnp.where(lse_t == -jnp.inf, 0.0, lse_t)
+  q = jnp.exp(log_q)
+  # The target's support (q > 0 in this precision). Outside it only the prediction's
+  # mass there, p_out, matters: KL = KL over the support - log(1 - p_out).
   support = q > 0
   delta = jnp.where(support, x - t, 0.0)
   mu = jnp.sum(q * delta, -1, keepdims=True)
   z = delta - mu
-  # E_q[z] is 0 up to rounding; keeping its rounding r makes the identity exact.
+  # E_q[z] is 0 up to rounding; keeping its rounding r makes the identities exact.
   r = jnp.sum(q * z, -1)
-  kl = jnp.log1p(jnp.sum(times_allowing_inf(q, _phi(z)), -1) + r) - r
+  # q * phi(z), in log space where exp(z) alone would overflow.
+  terms = jnp.where(z > 50.0, jnp.exp(log_q + z) - q * (1.0 + z), q * _phi(z))
+  phi_mean = jnp.sum(jnp.where(support, terms, 0.0), -1)
+  # log E_q[e^z]: log1p of a small mean keeps its digits; a large one goes through lse.
+  log_mean_exp = jnp.where(
+      phi_mean < 1.0,
+      jnp.log1p(phi_mean + r),
+      _log_norm(jnp.where(support, log_q + z, -jnp.inf))[..., 0],
+  )
+  p = jnp.exp(x - jnp.where(lse_x == -jnp.inf, 0.0, lse_x))
+  p_out = jnp.sum(jnp.where(support, 0.0, p), -1)
+  kl = (log_mean_exp - r) - jnp.log1p(-p_out)
   # A class the target allows but the prediction rules out makes the divergence infinite.
   impossible = jnp.any(support & (x == -jnp.inf), -1)
   kl = jnp.where(impossible, jnp.inf, kl)
   kl = jnp.where(counts, kl, 0.0)
-  return kl, (logits, target_logits, class_mask, counts, lse_x, lse_t, mu)
+  return kl, (logits, target_logits, class_mask, counts, lse_x, lse_t, mu + r[..., None])
 
 
 def _kl_bwd(res, g):
@@ -74,11 +86,14 @@ def _kl_bwd(res, g):
   ct = lse_x.dtype
   x = mask_logits(logits.astype(ct), class_mask)
   t = mask_logits(target_logits.astype(ct), class_mask)
-  g = jnp.where(counts, g.astype(ct), 0.0)[..., None]
+  g = g.astype(ct)[..., None]
   p = jnp.exp(x - jnp.where(lse_x == -jnp.inf, 0.0, lse_x))
   q = jnp.exp(t - jnp.where(lse_t == -jnp.inf, 0.0, lse_t))
   dx = g * (p - q)
+  # dKL/dt_j = q_j (log q_j - log p_j - KL) = -q_j (x_j - t_j - E_q[x - t])
   dt = jnp.where(q > 0, -g * q * ((x - t) - mu), 0.0)
+  # Select, not multiply: a masked example full of NaN must get gradient 0.
+  dx, dt = (jnp.where(counts[..., None], a, 0.0) for a in (dx, dt))
   return dx.astype(logits.dtype), dt.astype(target_logits.dtype), None, None
 
 
@@ -88,22 +103,6 @@ def _kl(logits, target_logits, class_mask, counts):
 
 
 _kl.defvjp(_kl_fwd, _kl_bwd)
-
-
-class _Prepared(NamedTuple):
-  logits: jax.Array
-  class_mask: jax.Array | None
-  counts: jax.Array
-
-
-def _prepare(logits, axis, where) -> _Prepared:
-  layout = to_class_layout(logits, axis, where)
-  counts = jnp.ones(layout.batch_shape, bool)
-  if layout.example_mask is not None:
-    counts &= layout.example_mask
-  if layout.class_mask is not None:
-    counts &= jnp.any(layout.class_mask, -1)
-  return _Prepared(layout.logits, layout.class_mask, counts)
 
 
 def kl_divergence_from_logits(
@@ -147,10 +146,11 @@ def kl_divergence_from_logits(
         f"target_logits of shape {target_logits.shape} do not match logits of shape "
         f"{logits.shape}."
     )
-  prep = _prepare(logits, axis, where)
+  layout = to_class_layout(logits, axis, where)
+  counts = layout.counted()
   targets = to_class_layout(target_logits, axis, None).logits
-  kl = _kl(prep.logits, targets, prep.class_mask, prep.counts)
-  return reduce_losses(kl, reduction, prep.counts.astype(kl.dtype))
+  kl = _kl(layout.logits, targets, layout.class_mask, counts)
+  return reduce_losses(kl, reduction, counts.astype(kl.dtype))
 
 
 # ------------------------------------------------------------------------- entropy
@@ -214,6 +214,7 @@ def entropy_from_logits(
   """
   check_reduction(reduction)
   logits = as_logits(logits)
-  prep = _prepare(logits, axis, where)
-  h = _entropy(prep.logits, prep.class_mask, prep.counts)
-  return reduce_losses(h, reduction, prep.counts.astype(h.dtype))
+  layout = to_class_layout(logits, axis, where)
+  counts = layout.counted()
+  h = _entropy(layout.logits, layout.class_mask, counts)
+  return reduce_losses(h, reduction, counts.astype(h.dtype))

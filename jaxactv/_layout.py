@@ -29,6 +29,15 @@ class ClassLayout(NamedTuple):
   batch_shape: tuple[int, ...]
   num_classes: int
 
+  def counted(self) -> jax.Array:
+    """bool ``[*batch]``: the examples not masked out that keep at least one class."""
+    counts = jnp.ones(self.batch_shape, bool)
+    if self.example_mask is not None:
+      counts &= self.example_mask
+    if self.class_mask is not None:
+      counts &= jnp.any(self.class_mask, -1)
+    return counts
+
 
 def classes_last(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
   """``x`` with ``axes`` moved to the end (order kept) and flattened into one."""

@@ -158,7 +158,8 @@ def _block_dlogits(z, lse, coef, g, local_idx, here, lo, hi, cfg, num_classes):
   if cfg.softcap is not None:
     # d/dl [c tanh(l / c)] = 1 - tanh^2 = 1 - (z / c)^2
     dz = dz * (1.0 - jnp.square(z / cfg.softcap))
-  return dz
+  # Select, not multiply: an ignored token with NaN hidden states must add nothing.
+  return jnp.where((g != 0)[:, None], dz, 0.0)
 
 
 def _chunk_grads(xc, w, bias, yc, lse, coef, g, blocks, cfg, shards, ct, num_classes):
@@ -385,7 +386,7 @@ def linear_softmax_cross_entropy(
       raise ValueError(f"logit_softcap must be a positive Python float or None; "
                        f"got {logit_softcap!r}.")
     logit_softcap = float(logit_softcap)
-  shards = VocabShards(vocab_axis, w.shape[1])
+  VocabShards(vocab_axis, w.shape[1])  # outside shard_map, a vocab_axis fails here, clearly
   if vocab_axis is None:
     check_concrete_labels(labels_in, w.shape[1], ignore_index)
 
@@ -403,7 +404,6 @@ def linear_softmax_cross_entropy(
       float(label_smoothing), float(z_loss), logit_softcap, rows, width, vocab_axis,
       x.dtype, jnp.promote_types(w.dtype, bias.dtype) if bias is not None else w.dtype,
   )
-  del shards
   if reduction == "none":
     losses = _per_token(x2, w, bias, flat_labels, counts, cfg)
     return losses[:num_tokens].reshape(x.shape[:-1])
