@@ -26,6 +26,7 @@ from jax.typing import ArrayLike
 
 from jaxactv import _dtypes
 from jaxactv._arith import times_allowing_inf
+from jaxactv._backend import reuse_forward_exponentials
 from jaxactv._layout import to_class_layout
 from jaxactv._reduction import reduce_losses
 from jaxactv._softmax import mask_logits
@@ -48,14 +49,18 @@ def finite_offset(row_max: jax.Array) -> jax.Array:
   return jnp.where(jnp.isfinite(row_max), row_max, 0.0)
 
 
-def probs_from_lse(x: jax.Array, lse: jax.Array) -> jax.Array:
-  """``softmax(x)`` in the backward pass, from the forward's per-row logsumexp.
+def scaled_probs(x, offset, sum_exp, scale):
+  """``scale * softmax(x)`` in a backward pass, from the forward's per-row numbers.
 
-  ``exp(x - lse)`` is not the forward's ``exp(x - max)``, so XLA recomputes it in
-  the gradient's single loop instead of keeping a logits-sized buffer of the
-  forward's exponentials alive. An empty row (``lse = -inf``) gives 0.
+  On CPU this is the forward's own ``exp(x - offset)`` (XLA reuses it) times a
+  per-row factor; elsewhere ``exp(x - lse)``, which XLA recomputes in the
+  gradient's loop rather than keep a logits-sized buffer (see ``_backend``). An
+  empty row (``sum_exp = 0``) gives 0.
   """
-  return jnp.exp(x - jnp.where(lse == -jnp.inf, 0.0, lse))
+  if reuse_forward_exponentials():
+    return jnp.exp(x - offset) * (scale / jnp.where(sum_exp == 0, 1.0, sum_exp))
+  lse = offset + jnp.log(sum_exp)
+  return jnp.exp(x - jnp.where(lse == -jnp.inf, 0.0, lse)) * scale
 
 
 # ------------------------------------------------------------------ integer labels
@@ -122,32 +127,31 @@ def _int_fwd(logits, labels, class_mask, class_weights, counts, cfg):
   scale = jnp.where(counts, jnp.where(in_range, 1.0, jnp.nan), 0.0).astype(ct)
   loss = jnp.where(counts, loss * scale, 0.0)
   coef, spread = (jnp.broadcast_to(a, loss.shape).astype(ct) for a in (coef, spread))
-  res = (logits, labels, class_mask, class_weights, lse, coef, spread, scale)
+  res = (logits, labels, class_mask, class_weights, offset, parts["sum_exp"], coef, spread, scale)
   return loss, res
 
 
 def _int_bwd(cfg, res, g):
-  logits, labels, class_mask, class_weights, lse, coef, spread, scale = res
-  ct = lse.dtype
+  logits, labels, class_mask, class_weights, offset, sum_exp, coef, spread, scale = res
+  ct = coef.dtype
   shards = VocabShards(cfg.vocab_axis, logits.shape[-1], sharded=logits)
   x = mask_logits(logits.astype(ct), class_mask)
-  probs = probs_from_lse(x, lse[..., None])
   w = None if class_weights is None else class_weights.astype(ct)
   g = shards.full_cotangent(g.astype(ct)) * scale
-  dx = (g * coef)[..., None] * probs
+  dx = scaled_probs(x, offset[..., None], sum_exp[..., None], (g * coef)[..., None])
   if cfg.label_smoothing > 0:
     spread = spread[..., None] * (1.0 if w is None else w)
     if class_mask is not None:
       spread = jnp.where(class_mask, spread, 0.0)
     dx = dx - g[..., None] * spread
+  # Select, not multiply: an ignored or masked row full of NaN must get gradient 0.
+  dx = jnp.where((scale != 0)[..., None], dx, 0.0)
   # The label's own term touches one logit per example: a scatter of N numbers into
   # the gradient, not a logits-sized one-hot comparison.
   local_idx, here = shards.local_index(labels)
   w_label = 1.0 if w is None else w[local_idx]
   at_label = jnp.where(here, g * (1.0 - cfg.label_smoothing) * w_label, 0.0)
   dx = _subtract_at(dx, local_idx, at_label)
-  # Select, not multiply: an ignored or masked row full of NaN must get gradient 0.
-  dx = jnp.where((scale != 0)[..., None], dx, 0.0)
   return dx.astype(logits.dtype), None, None, None, None
 
 
@@ -334,20 +338,20 @@ def _soft_fwd(logits, labels, class_mask, counts, cfg):
     loss = loss + z * jnp.square(lse)
     coef = coef + 2.0 * z * lse
   loss = jnp.where(counts, loss, 0.0)
-  return loss, (logits, labels, class_mask, counts, offset[..., 0], log_sum, coef)
+  return loss, (logits, labels, class_mask, counts, offset[..., 0], sum_exp, coef)
 
 
 def _soft_bwd(cfg, res, g):
-  logits, labels, class_mask, counts, offset, log_sum, coef = res
-  ct = log_sum.dtype
+  logits, labels, class_mask, counts, offset, sum_exp, coef = res
+  ct = coef.dtype
   eps = cfg.label_smoothing
   x = mask_logits(logits.astype(ct), class_mask)
   g = g.astype(ct)[..., None]
-  lse = (offset + log_sum)[..., None]
+  offset, sum_exp = offset[..., None], sum_exp[..., None]
   t = _targets(labels, class_mask, eps, ct)
-  dlogits = g * (coef[..., None] * probs_from_lse(x, lse) - t)
+  dlogits = scaled_probs(x, offset, sum_exp, g * coef[..., None]) - g * t
   # d loss / d label_j = (1 - eps) * (lse - x_j): +inf at a -inf logit, 0 where masked.
-  dlabels = (1.0 - eps) * g * (log_sum[..., None] + distance_below_max(x, offset[..., None]))
+  dlabels = (1.0 - eps) * g * (jnp.log(sum_exp) + distance_below_max(x, offset))
   # Select, not multiply: a masked example full of NaN must get gradient 0.
   keep = counts[..., None] if class_mask is None else counts[..., None] & class_mask
   dlogits = jnp.where(counts[..., None], dlogits, 0.0)
