@@ -83,53 +83,79 @@ class _Stats(NamedTuple):
   dist: jax.Array  # sum over classes of (row_max - z): the smoothing term's raw sum
 
 
-def _slices(width: int, total: int):
-  return [(s, min(s + width, total)) for s in range(0, total, width)]
+def _over_slices(w, bias, width, body, carry):
+  """Fold ``body(carry, lo, w_slice, bias_slice)`` over the class slices of ``w``.
+
+  The full-width slices go through a ``fori_loop`` with dynamic slices, so XLA
+  cannot hoist them out of the token loop as one copy of ``w``; a narrower last
+  slice follows, statically. With one slice, ``w`` itself is the slice.
+  """
+  classes = w.shape[1]
+  if width >= classes:
+    return body(carry, 0, w, bias)
+  full = classes // width
+
+  def step(k, c):
+    lo = k * width
+    w_k = lax.dynamic_slice_in_dim(w, lo, width, axis=1)
+    b_k = None if bias is None else lax.dynamic_slice_in_dim(bias, lo, width)
+    return body(c, lo, w_k, b_k)
+
+  carry = lax.fori_loop(0, full, step, carry)
+  lo = full * width
+  if lo < classes:
+    carry = body(carry, lo, w[:, lo:], None if bias is None else bias[lo:])
+  return carry
 
 
-def _block_logits(xc, w, bias, lo, hi, cfg, ct):
-  """Soft-capped logits of one ``[rows, hi - lo]`` block, in the compute dtype."""
-  z = _matmul(xc, w[:, lo:hi], ((1,), (0,)), ct)
-  if bias is not None:
-    z = z + bias[lo:hi].astype(ct)
+def _block_logits(xc, w_k, b_k, cfg, ct):
+  """Soft-capped logits of one ``[rows, slice]`` block, in the compute dtype."""
+  z = _matmul(xc, w_k, ((1,), (0,)), ct)
+  if b_k is not None:
+    z = z + b_k.astype(ct)
   if cfg.softcap is not None:
     z = cfg.softcap * jnp.tanh(z / cfg.softcap)
   return z
 
 
 def _chunk_stats(xc, w, bias, yc, cfg, shards, ct):
-  """One sweep over the local vocabulary: running max, sum of exp, label logit, dist."""
+  """One sweep over the local vocabulary: running max, sum of exp, label logit, dist.
+
+  Returns the statistics and, when the vocabulary is one slice, that block of
+  logits (for the gradient to reuse), else None.
+  """
   local_idx, here = shards.local_index(yc)
   rows = xc.shape[0]
-  m = jnp.full((rows,), -jnp.inf, ct)
-  s = jnp.zeros((rows,), ct)
-  z_label = jnp.zeros((rows,), ct)
-  dist = jnp.zeros((rows,), ct)
-  seen = 0
-  blocks = []
-  for lo, hi in _slices(cfg.slice_width, w.shape[1]):
-    z = _block_logits(xc, w, bias, lo, hi, cfg, ct)
-    blocks.append(z)
+  single = cfg.slice_width >= w.shape[1]
+
+  def fold(carry, lo, w_k, b_k):
+    m, s, z_label, dist, _ = carry
+    z = _block_logits(xc, w_k, b_k, cfg, ct)
+    width = w_k.shape[1]
     m_new = jnp.maximum(m, jnp.max(z, -1))
     shift = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
     # Rescale what was summed against the old max; exp(-inf - finite) = 0 at the start.
     s = s * jnp.exp(jnp.where(jnp.isfinite(m), m, shift) - shift)
     s = s + jnp.sum(jnp.exp(z - shift[:, None]), -1)
     if cfg.label_smoothing > 0:
-      # sum_j (m_new - z_j) = sum_j (m_old - z_j) + seen * (m_new - m_old)
+      # sum_j (m_new - z_j) = sum_j (m_old - z_j) + seen * (m_new - m_old); seen = lo
       moved = jnp.where(jnp.isfinite(m), m_new - m, 0.0)
-      dist = dist + seen * moved + jnp.sum(m_new[:, None] - z, -1)
-    in_block = here & (local_idx >= lo) & (local_idx < hi)
-    picked = jnp.take_along_axis(z, jnp.clip(local_idx - lo, 0, hi - lo - 1)[:, None], -1)
+      dist = dist + lo * moved + jnp.sum(m_new[:, None] - z, -1)
+    in_block = here & (local_idx >= lo) & (local_idx < lo + width)
+    picked = jnp.take_along_axis(z, jnp.clip(local_idx - lo, 0, width - 1)[:, None], -1)
     z_label = jnp.where(in_block, picked[:, 0], z_label)
-    m, seen = m_new, seen + (hi - lo)
+    return m_new, s, z_label, dist, (z if single else None)
+
+  zeros = shards.varying(jnp.zeros((rows,), ct))
+  init = (shards.varying(jnp.full((rows,), -jnp.inf, ct)), zeros, zeros, zeros, None)
+  m, s, z_label, dist, block = _over_slices(w, bias, cfg.slice_width, fold, init)
   if shards.axis is not None:
     m_all = shards.pmax(m)
     s = s * jnp.exp(m - m_all)
-    dist = dist + seen * (m_all - m)
+    dist = dist + w.shape[1] * (m_all - m)
     s, z_label, dist = shards.psum((s, z_label, dist))
     m = m_all
-  return _Stats(m, s, z_label, dist), blocks
+  return _Stats(m, s, z_label, dist), block
 
 
 def _row_losses(stats: _Stats, cfg, num_classes):
@@ -147,13 +173,13 @@ def _row_losses(stats: _Stats, cfg, num_classes):
   return loss, lse, coef
 
 
-def _block_dlogits(z, lse, coef, g, local_idx, here, lo, hi, cfg, num_classes):
-  """``g * d loss / d logits`` for one block, through the soft cap."""
+def _block_dlogits(z, lse, coef, g, local_idx, here, lo, cfg, num_classes):
+  """``g * d loss / d logits`` for one block starting at class ``lo``, through the cap."""
   eps = cfg.label_smoothing
   dz = (g * coef)[:, None] * jnp.exp(z - lse[:, None])
   if eps > 0:
     dz = dz - (g * (eps / num_classes))[:, None]
-  is_label = (jnp.arange(lo, hi) == local_idx[:, None]) & here[:, None]
+  is_label = (lo + jnp.arange(z.shape[1]) == local_idx[:, None]) & here[:, None]
   dz = dz - jnp.where(is_label, (g * (1.0 - eps))[:, None], 0.0)
   if cfg.softcap is not None:
     # d/dl [c tanh(l / c)] = 1 - tanh^2 = 1 - (z / c)^2
@@ -162,26 +188,38 @@ def _block_dlogits(z, lse, coef, g, local_idx, here, lo, hi, cfg, num_classes):
   return jnp.where((g != 0)[:, None], dz, 0.0)
 
 
-def _chunk_grads(xc, w, bias, yc, lse, coef, g, blocks, cfg, shards, ct, num_classes):
-  """``(dx_chunk, [dw_slice], [db_slice])`` of one token chunk, ``g`` the row cotangents.
+def _chunk_grads(xc, w, bias, yc, lse, coef, g, block, cfg, shards, ct, num_classes, acc):
+  """Add one token chunk's gradient to ``acc = (dw, db)``; return ``(dx_chunk, acc)``.
 
-  ``blocks`` are the forward's logits blocks when it kept them (one slice), else
-  None and each block is recomputed. ``dx`` is summed over the vocabulary shards.
+  ``g`` are the row cotangents; ``block`` the forward's logits when it kept them
+  (one slice), else None and each block is recomputed. ``dx_chunk`` is this
+  shard's partial sum over its classes.
   """
   local_idx, here = shards.local_index(yc)
   md = jnp.promote_types(xc.dtype, w.dtype)
-  dx = jnp.zeros((xc.shape[0], xc.shape[1]), ct)
-  dws, dbs = [], []
-  for k, (lo, hi) in enumerate(_slices(cfg.slice_width, w.shape[1])):
-    z = blocks[k] if blocks is not None else _block_logits(xc, w, bias, lo, hi, cfg, ct)
-    dz = _block_dlogits(z, lse, coef, g, local_idx, here, lo, hi, cfg, num_classes)
+
+  def fold(carry, lo, w_k, b_k):
+    dx, dw, db = carry
+    z = block if block is not None else _block_logits(xc, w_k, b_k, cfg, ct)
+    dz = _block_dlogits(z, lse, coef, g, local_idx, here, lo, cfg, num_classes)
     # The matmuls take their operands in the inputs' dtype (bf16 runs at bf16 speed)
     # and accumulate in the compute dtype.
     dz_m = dz.astype(md)
-    dx = dx + _matmul(dz_m, w[:, lo:hi], ((1,), (1,)), ct)
-    dws.append(_matmul(xc.astype(md), dz_m, ((0,), (0,)), ct))
-    dbs.append(jnp.sum(dz, 0) if bias is not None else None)
-  return dx, dws, dbs
+    dx = dx + _matmul(dz_m, w_k, ((1,), (1,)), ct)
+    dw_k = _matmul(xc.astype(md), dz_m, ((0,), (0,)), ct)
+    dw = lax.dynamic_update_slice_in_dim(
+        dw, lax.dynamic_slice_in_dim(dw, lo, dw_k.shape[1], axis=1) + dw_k, lo, axis=1
+    )
+    if db is not None:
+      db_k = jnp.sum(dz, 0)
+      db = lax.dynamic_update_slice_in_dim(
+          db, lax.dynamic_slice_in_dim(db, lo, db_k.shape[0]) + db_k, lo, axis=0
+      )
+    return dx, dw, db
+
+  dx = shards.varying(jnp.zeros(xc.shape, ct))
+  dx, dw, db = _over_slices(w, bias, cfg.slice_width, fold, (dx, *acc))
+  return dx, (dw, db)
 
 
 def _scan_chunks(x2, w, bias, labels, counts, cfg, with_grad, g_rows=None, saved=None):
@@ -209,29 +247,18 @@ def _scan_chunks(x2, w, bias, labels, counts, cfg, with_grad, g_rows=None, saved
   def body(carry, inputs):
     xc, yc, sc = inputs[:3]
     if saved is None:
-      stats, blocks = _chunk_stats(xc, w, bias, yc, cfg, shards, ct)
+      stats, block = _chunk_stats(xc, w, bias, yc, cfg, shards, ct)
       loss, lse, coef = _row_losses(stats, cfg, num_classes)
       loss = jnp.where(sc != 0, loss * jnp.where(jnp.isnan(sc), jnp.nan, 1.0), 0.0)
-      if cfg.slice_width < w.shape[1]:
-        blocks = None  # several slices: keeping them all would be a full row of logits
     else:
       lse, coef = inputs[3:]
-      loss, blocks = jnp.zeros_like(lse), None
+      loss, block = jnp.zeros_like(lse), None
     if not with_grad:
       return carry, (loss, lse, coef)
-    dx, dws, dbs = _chunk_grads(xc, w, bias, yc, lse, coef, sc, blocks, cfg, shards, ct,
-                                num_classes)
-    dw_acc, db_acc = carry
-    slices = _slices(cfg.slice_width, w.shape[1])
-    if len(slices) == 1:
-      dw_acc = dw_acc + dws[0]
-      db_acc = None if bias is None else db_acc + dbs[0]
-    else:
-      for (lo, hi), dw_k, db_k in zip(slices, dws, dbs, strict=True):
-        dw_acc = dw_acc.at[:, lo:hi].add(dw_k)
-        if bias is not None:
-          db_acc = db_acc.at[lo:hi].add(db_k)
-    return (dw_acc, db_acc), (loss, lse, coef, dx)
+    dx, carry = _chunk_grads(
+        xc, w, bias, yc, lse, coef, sc, block, cfg, shards, ct, num_classes, carry
+    )
+    return carry, (loss, lse, coef, dx)
 
   init = None
   if with_grad:

@@ -74,6 +74,12 @@ class VocabShards:
     stacked = lax.psum(jnp.stack(jnp.broadcast_arrays(*xs)), self.axis)
     return tuple(stacked[i] for i in range(len(xs)))
 
+  def varying(self, x: jax.Array) -> jax.Array:
+    """``x`` typed as varying over the axis (a loop carry that will hold per-shard values)."""
+    if self.axis is None or not self.checked or self.axis in _varying_axes(x):
+      return x
+    return lax.pcast(x, (self.axis,), to="varying")
+
   def full_cotangent(self, g: jax.Array) -> jax.Array:
     """The whole cotangent of a replicated output, in either ``check_vma`` mode."""
     if self.axis is None or self.checked:

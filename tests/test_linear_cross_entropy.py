@@ -294,3 +294,21 @@ def test_default_chunk_rule():
   rows, width = default_chunks(100_000, 262144)
   assert width < 262144 and width % 128 == 0 and rows * width * 4 <= BLOCK_BYTES
   assert default_chunks(5, 1000) == (8, 1000)
+
+
+def test_slicing_the_vocabulary_copies_nothing_the_size_of_w():
+  # With slices, the forward's temp memory is blocks and per-row numbers: doubling V
+  # (and so w) must not double it, as a hoisted copy of the slices of w would.
+  d = 256
+
+  def forward_temp(v):
+    args = (
+        jax.ShapeDtypeStruct((512, d), jnp.float32),
+        jax.ShapeDtypeStruct((d, v), jnp.float32),
+        jax.ShapeDtypeStruct((512,), jnp.int32),
+    )
+    f = lambda x, w, y: jaxactv.linear_softmax_cross_entropy(x, w, y, chunk_size=(64, 1024))
+    return jax.jit(f).lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+  small, large = forward_temp(8192), forward_temp(32768)
+  assert large - small < d * (32768 - 8192) * 4 / 4, (small, large)
