@@ -3,30 +3,32 @@
 ``jax.nn.sigmoid`` differentiates as ``s * (1 - s)``: once ``s`` rounds to 1 (from
 ``x`` ~ 17 in float32) the gradient is 0 or off by tens of percent although the true
 value ``e^-|x|`` is far above float32's smallest number. Both rules here keep the
-input ``x`` as their only residual and rebuild the gradient from ``e = exp(-|x|)``,
-which never overflows and keeps full relative precision down to ``|x|`` ~ 87.
+input ``x`` as their only residual and rebuild the gradient from
+``s = sigmoid(-|x|)``, which lies in ``(0, 1/2]``: it keeps full relative precision
+down to ``|x|`` ~ 87 and ``1 - s`` never cancels.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.typing import ArrayLike
 
 from jaxactv import _dtypes
 from jaxactv._validation import as_activation_input
 
 
-def _exp_neg_abs(x: jax.Array) -> jax.Array:
-  # exp(-|x|) lies in [0, 1]: no overflow on either side, full precision in the tails.
-  return jnp.exp(-jnp.abs(x))
+def _sigmoid_of_minus_abs(x: jax.Array) -> jax.Array:
+  # sigmoid(-|x|) lies in (0, 1/2]: full relative precision however small it is, and
+  # 1 - it never cancels. One exp and one division, shared by value and gradient.
+  return lax.logistic(-jnp.abs(x))
 
 
 def stable_sigmoid(x: jax.Array) -> jax.Array:
   """sigmoid(x) for an array already in the compute dtype, accurate to a few ulp everywhere."""
-  e = _exp_neg_abs(x)
-  # For x < 0, e / (1 + e) keeps the relative precision that 1 - 1 / (1 + e) would lose.
-  return jnp.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+  s = _sigmoid_of_minus_abs(x)
+  return jnp.where(x >= 0, 1.0 - s, s)
 
 
 def stable_log_sigmoid(x: jax.Array) -> jax.Array:
@@ -39,9 +41,11 @@ def stable_log_sigmoid(x: jax.Array) -> jax.Array:
 
 
 def sigmoid_derivative(x: jax.Array) -> jax.Array:
-  """sigmoid'(x) = sigmoid(x) * sigmoid(-x) = e / (1 + e)^2 with e = exp(-|x|)."""
-  e = _exp_neg_abs(x)
-  return e / jnp.square(1.0 + e)
+  """sigmoid'(x) = sigmoid(x) sigmoid(-x) = s (1 - s) with s = sigmoid(-|x|): exact in the tails."""
+  # min(x, -x) is -|x| spelled differently from the forward's, so that XLA recomputes
+  # s inside the gradient's loop rather than writing the forward's s out for it.
+  s = lax.logistic(jnp.minimum(x, -x))
+  return s * (1.0 - s)
 
 
 # ----------------------------------------------------------------------------- sigmoid
@@ -72,12 +76,12 @@ def sigmoid(x: ArrayLike) -> jax.Array:
 
   .. math::
     \sigma(x) = \frac{1}{1 + e^{-x}}, \qquad
-    \sigma'(x) = \sigma(x)\,\sigma(-x) = \frac{e^{-|x|}}{(1 + e^{-|x|})^2}
+    \sigma'(x) = \sigma(x)\,\sigma(-x) = s (1 - s), \quad s = \sigma(-|x|)
 
-  The value is computed as ``1 / (1 + e)`` for ``x >= 0`` and ``e / (1 + e)`` for
-  ``x < 0`` with ``e = exp(-|x|)``, so both tails keep full relative precision. The
-  gradient uses the right-hand form above: ``jax.grad(jax.nn.sigmoid)(17.0)`` is 0 in
-  float32, ``jax.grad(jaxactv.sigmoid)(17.0)`` is 4.14e-8, the true value.
+  The value is ``s`` for ``x < 0`` and ``1 - s`` for ``x >= 0``; ``s`` lies in
+  ``(0, 1/2]``, so both tails keep full relative precision and the gradient's
+  ``1 - s`` never cancels: ``jax.grad(jax.nn.sigmoid)(17.0)`` is 0 in float32,
+  ``jax.grad(jaxactv.sigmoid)(17.0)`` is 4.14e-8, the true value.
 
   Edge cases: ``sigmoid(+inf) = 1`` and ``sigmoid(-inf) = 0``, both with gradient 0;
   NaN stays NaN. bfloat16/float16 inputs are computed in float32 and returned in the
