@@ -49,7 +49,7 @@ def finite_offset(row_max: jax.Array) -> jax.Array:
   return jnp.where(jnp.isfinite(row_max), row_max, 0.0)
 
 
-def scaled_probs(x, offset, sum_exp, scale):
+def scaled_probs(x, offset, sum_exp, scale, logits_dtype):
   """``scale * softmax(x)`` in a backward pass, from the forward's per-row numbers.
 
   On CPU this is the forward's own ``exp(x - offset)`` (XLA reuses it) times a
@@ -57,7 +57,7 @@ def scaled_probs(x, offset, sum_exp, scale):
   gradient's loop rather than keep a logits-sized buffer (see ``_backend``). An
   empty row (``sum_exp = 0``) gives 0.
   """
-  if reuse_forward_exponentials():
+  if reuse_forward_exponentials(logits_dtype):
     return jnp.exp(x - offset) * (scale / jnp.where(sum_exp == 0, 1.0, sum_exp))
   lse = offset + jnp.log(sum_exp)
   return jnp.exp(x - jnp.where(lse == -jnp.inf, 0.0, lse)) * scale
@@ -138,7 +138,9 @@ def _int_bwd(cfg, res, g):
   x = mask_logits(logits.astype(ct), class_mask)
   w = None if class_weights is None else class_weights.astype(ct)
   g = shards.full_cotangent(g.astype(ct)) * scale
-  dx = scaled_probs(x, offset[..., None], sum_exp[..., None], (g * coef)[..., None])
+  dx = scaled_probs(
+      x, offset[..., None], sum_exp[..., None], (g * coef)[..., None], logits.dtype
+  )
   if cfg.label_smoothing > 0:
     spread = spread[..., None] * (1.0 if w is None else w)
     if class_mask is not None:
@@ -352,7 +354,7 @@ def _soft_bwd(cfg, res, g):
   g = g.astype(ct)[..., None]
   offset, sum_exp = offset[..., None], sum_exp[..., None]
   t = _targets(labels, class_mask, eps, ct)
-  dlogits = scaled_probs(x, offset, sum_exp, g * coef[..., None]) - g * t
+  dlogits = scaled_probs(x, offset, sum_exp, g * coef[..., None], logits.dtype) - g * t
   # d loss / d label_j = (1 - eps) * (lse - x_j): +inf at a -inf logit, 0 where masked.
   dlabels = (1.0 - eps) * g * (jnp.log(sum_exp) + distance_below_max(x, offset))
   # Select, not multiply: a masked example full of NaN must get gradient 0.
