@@ -169,27 +169,27 @@ def softmax(x: ArrayLike, axis: Axis = -1, where: ArrayLike | None = None) -> ja
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _log_softmax(x, where, axes):
-  return _log_softmax_fwd(x, where, axes)[0]
+  ct = _dtypes.compute_dtype(x.dtype)
+  return normalize(mask_logits(x.astype(ct), where), axes).log_probs().astype(x.dtype)
 
 
 def _log_softmax_fwd(x, where, axes):
-  ct = _dtypes.compute_dtype(x.dtype)
-  n = normalize(mask_logits(x.astype(ct), where), axes)
-  y = n.log_probs().astype(x.dtype)
-  # A row with nothing to normalise is -inf whatever x does: its gradient is 0.
-  nonempty = (n.sum_exp != 0.0).astype(ct)
-  return y, (y, where, nonempty)
+  y = _log_softmax(x, where, axes)
+  return y, (y, where)
 
 
 def _log_softmax_bwd(axes, res, g):
-  y, where, nonempty = res
-  ct = nonempty.dtype
-  g = g.astype(ct)
+  y, where = res
+  ct = _dtypes.compute_dtype(y.dtype)
+  y, g = y.astype(ct), g.astype(ct)
   if where is not None:
     # A masked entry's output is the constant -inf: its cotangent goes nowhere.
     g = jnp.where(where, g, 0.0)
-  dx = (g - jnp.exp(y.astype(ct)) * jnp.sum(g, axes, keepdims=True)) * nonempty
-  return dx.astype(y.dtype), None
+  dx = g - jnp.exp(y) * jnp.sum(g, axes, keepdims=True)
+  # A -inf log-probability (a -inf logit, an empty row, a logit beaten by +inf) stays
+  # -inf under any finite change of x: gradient 0. The select sits on the output, where
+  # XLA fuses it; NaN rows stay NaN.
+  return jnp.where(y == -jnp.inf, 0.0, dx).astype(res[0].dtype), None
 
 
 _log_softmax.defvjp(_log_softmax_fwd, _log_softmax_bwd)
@@ -208,14 +208,16 @@ def log_softmax(x: ArrayLike, axis: Axis = -1, where: ArrayLike | None = None) -
   near 0 (a dominant logit) carries an absolute error of about one ulp of 1.0
   (6e-8 in float32), as in ``jax.nn``: the sum it comes from is rounded near 1.
 
-  Edge cases: masked entries give ``-inf`` and gradient 0; a ``-inf`` logit gives
-  ``-inf`` and passes its cotangent through (``d(x_i - lse)/dx_i = 1``), as plain
-  autodiff would; a row with nothing to normalise gives ``-inf`` everywhere with
-  gradient 0; a row with ``k`` ``+inf`` entries gives ``-log k`` on them and
-  ``-inf`` elsewhere; NaN poisons its own row only. bfloat16/float16 inputs are
-  computed in float32 and returned in the input dtype.
+  Edge cases: masked entries and ``-inf`` logits give ``-inf`` with gradient 0 (the
+  value stays ``-inf`` under any finite change); a row with nothing to normalise
+  gives ``-inf`` everywhere with gradient 0; a row with ``k`` ``+inf`` entries gives
+  ``-log k`` on them and ``-inf`` elsewhere; NaN poisons its own row only. The
+  other entries' gradient is ``g_i - softmax_i * sum_j g_j`` over the unmasked
+  entries (the cotangent of a ``-inf`` entry is 0 whenever the loss built on it is
+  finite). bfloat16/float16 inputs are computed in float32 and returned in the
+  input dtype.
 
-  The rule keeps the output (plus the caller's mask and one flag per row). Forward
+  The rule keeps the output (and the caller's mask, when given). Forward
   mode is unavailable on this ``jax.custom_vjp``; use
   :func:`jaxactv.reference.log_softmax`. Reverse-over-reverse works.
 
