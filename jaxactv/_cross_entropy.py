@@ -284,7 +284,7 @@ def softmax_cross_entropy_with_integer_labels(
   if shards_classes is not None:
     check_concrete_labels(labels_in, shards_classes, ignore_index)
 
-  counts = layout.counted()
+  counts = layout.counted(VocabShards(vocab_axis, layout.logits.shape[-1]).any_shard)
   if ignore_index is not None:
     counts &= labels != ignore_index
   cfg = _IntConfig(float(label_smoothing), float(z_loss), vocab_axis)

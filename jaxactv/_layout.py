@@ -29,13 +29,17 @@ class ClassLayout(NamedTuple):
   batch_shape: tuple[int, ...]
   num_classes: int
 
-  def counted(self) -> jax.Array:
-    """bool ``[*batch]``: the examples not masked out that keep at least one class."""
+  def counted(self, any_shard=lambda kept: kept) -> jax.Array:
+    """bool ``[*batch]``: the examples not masked out that keep at least one class.
+
+    ``any_shard`` combines the per-example "some class kept" flags across the shards
+    of a split class axis (see ``VocabShards.any_shard``).
+    """
     counts = jnp.ones(self.batch_shape, bool)
     if self.example_mask is not None:
       counts &= self.example_mask
     if self.class_mask is not None:
-      counts &= jnp.any(self.class_mask, -1)
+      counts &= any_shard(jnp.any(self.class_mask, -1))
     return counts
 
 

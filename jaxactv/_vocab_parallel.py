@@ -74,6 +74,12 @@ class VocabShards:
     stacked = lax.psum(jnp.stack(jnp.broadcast_arrays(*xs)), self.axis)
     return tuple(stacked[i] for i in range(len(xs)))
 
+  def any_shard(self, flags: jax.Array) -> jax.Array:
+    """A boolean that holds on any shard, on every shard."""
+    if self.axis is None:
+      return flags
+    return lax.pmax(flags.astype(jnp.int32), self.axis) > 0
+
   def varying(self, x: jax.Array) -> jax.Array:
     """``x`` typed as varying over the axis (a loop carry that will hold per-shard values)."""
     if self.axis is None or not self.checked or self.axis in _varying_axes(x):

@@ -143,3 +143,34 @@ def test_vocab_axis_outside_shard_map_raises_and_points_to_shard_map():
     INT(x, labels, vocab_axis="vocab")
   with pytest.raises(ValueError, match="shard_map"):
     jax.jit(lambda x, y: INT(x, y, vocab_axis="vocab"))(x, labels)
+
+
+@pytest.mark.parametrize("check_vma", [True, False])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_per_logit_mask_across_shards(mesh, reduction, check_vma):
+  # Row 0 masks classes that are all on one shard; row 1 masks two whole shards (its
+  # label elsewhere); row 3 masks every class: it must not count, on any shard.
+  rng = np.random.default_rng(11)
+  x = rng.standard_normal((5, V)).astype(np.float32)
+  labels = np.array([0, 700, V - 1, 5, 300], np.int32)
+  mask = np.ones((5, V), bool)
+  mask[0, 257:514] = False
+  mask[1, :514] = False
+  mask[3, :] = False
+  local = lambda x, m: INT(
+      x, labels, where=m, vocab_axis="vocab", reduction=reduction, label_smoothing=0.1
+  )
+  sharded = jax.jit(
+      jax.shard_map(
+          local, mesh=mesh, in_specs=(P(None, "vocab"), P(None, "vocab")), out_specs=P(),
+          check_vma=check_vma,
+      )
+  )
+  twin = lambda x: reference.softmax_cross_entropy_with_integer_labels(
+      x, labels, where=mask, reduction=reduction, label_smoothing=0.1
+  )
+  np.testing.assert_allclose(sharded(x, mask), twin(x), rtol=1e-5, atol=1e-6)
+  got = jax.grad(lambda x: sharded(x, mask).sum())(x)
+  want = jax.grad(lambda x: twin(x).sum())(x)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+  assert np.all(f64(got)[3] == 0.0)
