@@ -103,7 +103,7 @@ def _bce_fwd(logits, labels, pos_weight, where, cfg):
 def _bce_bwd(cfg, res, g):
   logits, labels, pos_weight, where = res
   ct = _dtypes.loss_dtype(logits.dtype)
-  x, _, pos, neg = _bce_parts(logits, labels, pos_weight, cfg, ct)
+  x, y, pos, neg = _bce_parts(logits, labels, pos_weight, cfg, ct)
   g = g.astype(ct)
   # d/dx = (pos + neg) sigmoid(x) - pos = neg sigmoid(x) - pos sigmoid(-x): sigmoid(x) - y
   # without pos_weight, written so that it keeps its precision when sigmoid(x) ~ y.
@@ -115,10 +115,7 @@ def _bce_bwd(cfg, res, g):
   dy = g * (1.0 - cfg.label_smoothing) * (dy_pos - (jnp.maximum(x, 0.0) + tail))
   dpw = None
   if pos_weight is not None:
-    y = pos / pos_weight.astype(ct) if cfg.label_smoothing == 0 else None
-    y = labels.astype(ct) if y is None else y
-    if cfg.label_smoothing > 0:
-      y = (1.0 - cfg.label_smoothing) * y + 0.5 * cfg.label_smoothing
+    # d/dp = y' softplus(-x), with the smoothed target y'.
     soft_neg = times_allowing_inf(y, jnp.maximum(-x, 0.0)) + y * tail
     dpw = _sum_to_shape(_masked(g * soft_neg, where), pos_weight.shape)
     dpw = dpw.astype(pos_weight.dtype)

@@ -49,6 +49,7 @@ class _Config(NamedTuple):
   vocab_axis: str | None
   x_dtype: np.dtype  # the gradients go back in the inputs' dtypes
   w_dtype: np.dtype
+  b_dtype: np.dtype | None
 
 
 def default_chunks(num_tokens: int, local_classes: int) -> tuple[int, int]:
@@ -197,6 +198,9 @@ def _chunk_grads(xc, w, bias, yc, lse, coef, g, block, cfg, shards, ct, num_clas
   """
   local_idx, here = shards.local_index(yc)
   md = jnp.promote_types(xc.dtype, w.dtype)
+  # Rows that do not count (ignored tokens, padding) may hold NaN hidden states: as
+  # zeros they add nothing to dw (0 * NaN would add NaN to every weight).
+  x_counted = jnp.where((g != 0)[:, None], xc, 0).astype(md)
 
   def fold(carry, lo, w_k, b_k):
     dx, dw, db = carry
@@ -206,7 +210,7 @@ def _chunk_grads(xc, w, bias, yc, lse, coef, g, block, cfg, shards, ct, num_clas
     # and accumulate in the compute dtype.
     dz_m = dz.astype(md)
     dx = dx + _matmul(dz_m, w_k, ((1,), (1,)), ct)
-    dw_k = _matmul(xc.astype(md), dz_m, ((0,), (0,)), ct)
+    dw_k = _matmul(x_counted, dz_m, ((0,), (0,)), ct)
     dw = lax.dynamic_update_slice_in_dim(
         dw, lax.dynamic_slice_in_dim(dw, lo, dw_k.shape[1], axis=1) + dw_k, lo, axis=1
     )
@@ -291,7 +295,7 @@ def _summed_fwd(x2, w, bias, labels, counts, cfg):
 def _summed_bwd(cfg, grads, g):
   dx, dw, db = grads
   g = VocabShards(cfg.vocab_axis, dw.shape[1], sharded=dw).full_cotangent(g.astype(dx.dtype))
-  db = None if db is None else (g * db).astype(cfg.w_dtype)
+  db = None if db is None else (g * db).astype(cfg.b_dtype)
   return (g * dx).astype(cfg.x_dtype), (g * dw).astype(cfg.w_dtype), db, None, None
 
 
@@ -314,7 +318,7 @@ def _per_token_bwd(cfg, res, g):
   _, (dx, dw, db) = _scan_chunks(
       x2, w, bias, labels, counts, cfg, with_grad=True, g_rows=g, saved=(lse, coef)
   )
-  db = None if db is None else db.astype(cfg.w_dtype)
+  db = None if db is None else db.astype(cfg.b_dtype)
   return dx.astype(cfg.x_dtype), dw.astype(cfg.w_dtype), db, None, None
 
 
@@ -429,7 +433,7 @@ def linear_softmax_cross_entropy(
     counts = jnp.pad(counts, (0, pad))
   cfg = _Config(
       float(label_smoothing), float(z_loss), logit_softcap, rows, width, vocab_axis,
-      x.dtype, jnp.promote_types(w.dtype, bias.dtype) if bias is not None else w.dtype,
+      x.dtype, w.dtype, None if bias is None else bias.dtype,
   )
   if reduction == "none":
     losses = _per_token(x2, w, bias, flat_labels, counts, cfg)

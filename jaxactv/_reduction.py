@@ -3,8 +3,9 @@
 ``reduction="none"`` returns the per-example losses. ``"sum"`` adds them.
 ``"mean"`` divides that sum by the total *weight* of the examples that count:
 their number, or, with class weights, the sum of the weights of their target
-classes (PyTorch's rule). Ignored and masked examples weigh 0. When nothing
-counts, the mean is 0 (not NaN) and so is its gradient.
+classes (PyTorch's rule). Ignored and masked examples weigh 0. When the weights
+sum to 0 (nothing counts, or every counted target's class weight is 0), the mean
+is 0 and so is its gradient, where PyTorch returns NaN.
 """
 
 from __future__ import annotations
@@ -33,6 +34,6 @@ def reduce_losses(
   if reduction == "sum":
     return total
   denom = jnp.asarray(losses.size, losses.dtype) if weights is None else jnp.sum(weights)
-  denom = jax.lax.stop_gradient(denom)
-  return total / jnp.where(denom == 0, 1.0, denom).astype(losses.dtype)
+  denom = jax.lax.stop_gradient(denom).astype(losses.dtype)
+  return jnp.where(denom == 0, 0.0, total / jnp.where(denom == 0, 1.0, denom))
 

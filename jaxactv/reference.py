@@ -109,7 +109,8 @@ def _reduce(losses, reduction, weights):
   if reduction == "sum":
     return jnp.sum(losses)
   denom = jnp.sum(weights)
-  return jnp.sum(losses) / jnp.where(denom == 0, 1.0, denom)
+  # A mean over no weight is 0 by definition (PyTorch: NaN).
+  return jnp.where(denom == 0, 0.0, jnp.sum(losses) / jnp.where(denom == 0, 1.0, denom))
 
 
 def _loss_float(x):

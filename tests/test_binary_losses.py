@@ -518,3 +518,18 @@ def test_focal_half_precision_gives_float32_loss_of_its_values(dtype):
   np.testing.assert_allclose(v, np_focal(x32, y32, 0.25, 2.0), rtol=1e-5, atol=1e-30)
   dx = jax.jit(jax.grad(lambda x: FOCAL(x, y, 0.25, 2.0).sum()))(x)
   assert dx.dtype == dtype
+
+
+def test_pos_weight_gradient_where_pos_weight_is_zero():
+  # d loss / d p = y' softplus(-x): finite at p = 0 (once 0/0 = NaN, by dividing by p).
+  x = np.array([[1.0, -2.0, 0.5]], np.float32)
+  y = np.array([[1.0, 0.0, 1.0]], np.float32)
+  pw = np.array([0.0, 1.0, 2.0], np.float32)
+  for smoothing in (0.0, 0.2):
+    f = lambda m, s=smoothing: lambda p: m.sigmoid_binary_cross_entropy(
+        x, y, pos_weight=p, label_smoothing=s, reduction="sum"
+    )
+    got = jax.grad(f(jaxactv))(pw)
+    ys = (1 - smoothing) * y + smoothing / 2
+    want = (ys * np.logaddexp(0.0, -x.astype(np.float64))).sum(0)
+    np.testing.assert_allclose(got, want, rtol=1e-6)

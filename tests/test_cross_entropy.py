@@ -636,3 +636,20 @@ def test_minus_inf_logit_carrying_target_mass_gives_inf():
                 == np.inf)
   soft = f64(jax.jit(SOFT)(x, np.array([[0.5, 0.25, 0.25], [1.0, 0.0, 0.0]], np.float32)))
   assert soft[0] == np.inf and np.isfinite(soft[1])
+
+
+def test_mean_over_zero_total_weight_is_zero():
+  # Every counted target has class weight 0 (torch: NaN). With smoothing the summed loss is
+  # not 0, but the mean divides by the targets' weights: defined as 0, gradient 0.
+  x = jnp.asarray(np.random.default_rng(3).standard_normal((2, 3)), jnp.float32)
+  labels = jnp.array([0, 0])
+  w = jnp.array([0.0, 1.0, 2.0])
+  f = lambda x: jaxactv.softmax_cross_entropy_with_integer_labels(
+      x, labels, class_weights=w, label_smoothing=0.3, reduction="mean"
+  )
+  total = jaxactv.softmax_cross_entropy_with_integer_labels(
+      x, labels, class_weights=w, label_smoothing=0.3, reduction="sum"
+  )
+  assert float(total) > 0
+  value, grad = jax.value_and_grad(f)(x)
+  assert float(value) == 0.0 and np.all(np.asarray(grad) == 0.0)

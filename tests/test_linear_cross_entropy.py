@@ -312,3 +312,34 @@ def test_slicing_the_vocabulary_copies_nothing_the_size_of_w():
 
   small, large = forward_temp(8192), forward_temp(32768)
   assert large - small < d * (32768 - 8192) * 4 / 4, (small, large)
+
+
+def test_gradient_dtypes_follow_each_input():
+  x = jnp.ones((4, 3), jnp.bfloat16)
+  w = jnp.ones((3, 5), jnp.bfloat16)
+  b = jnp.zeros((5,), jnp.float32)
+  y = jnp.array([0, 1, 2, 3])
+  for reduction in ("mean", "none"):
+    grads = jax.grad(
+        lambda x, w, b, r=reduction: jaxactv.linear_softmax_cross_entropy(
+            x, w, y, bias=b, reduction=r
+        ).sum(),
+        (0, 1, 2),
+    )(x, w, b)
+    assert [g.dtype for g in grads] == [jnp.bfloat16, jnp.bfloat16, jnp.float32]
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_nan_hidden_state_on_an_ignored_token_adds_nothing(reduction):
+  x, w, b, y = _problem(n=10, v=50)
+  x, y = x.copy(), y.copy()
+  x[3] = np.nan
+  y[3] = -100
+  f = lambda m: lambda x, w, b: m.linear_softmax_cross_entropy(
+      x, w, y, bias=b, ignore_index=-100, reduction=reduction
+  ).sum()
+  got = jax.grad(f(jaxactv), (0, 1, 2))(x, w, b)
+  clean = np.where(np.isnan(x), 0.0, x).astype(np.float32)
+  want = jax.grad(f(reference), (0, 1, 2))(clean, w, b)
+  for g, r in zip(got, want, strict=True):
+    np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
