@@ -4,7 +4,7 @@ Usage (from the repository root, inside the project's environment)::
 
   python benchmarks/run.py                 # the full sweep (5-8 min on 2 CPU cores)
   python benchmarks/run.py --quick         # a smaller sweep (under 2 min on 2 CPU cores)
-  python benchmarks/run.py --tiny          # tiny shapes: keeps the harness working (tests)
+  python benchmarks/run.py --quick --tiny  # the quick sweep on tiny shapes (the test runs this)
   python benchmarks/run.py --ops softmax,sigmoid --dtypes float32 --out /tmp/bench
 
 For every case (op, mode, shape, dtype) each implementation is compiled once
@@ -783,7 +783,8 @@ def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--quick", action="store_true", help="a smaller sweep, under 2 min on 2 cores")
   p.add_argument("--tiny", action="store_true",
-                 help="tiny shapes and 2 repeats: checks that the harness runs (tests)")
+                 help="shrink the sweep to tiny shapes and 2 repeats (the test runs "
+                 "--quick --tiny to keep the harness working)")
   p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory")
   p.add_argument("--ops", default=",".join(ALL_OPS), help="comma-separated ops to run")
   p.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated dtypes")

@@ -24,7 +24,7 @@ from jaxactv._validation import Axis, broadcasts_to, canonical_axes
 
 class ClassLayout(NamedTuple):
   logits: jax.Array  # [*batch, K]
-  class_mask: jax.Array | None  # bool, broadcastable to logits, or None
+  class_mask: jax.Array | None  # bool [*batch or 1, K], broadcastable to logits, or None
   example_mask: jax.Array | None  # bool [*batch] (broadcast), or None
   batch_shape: tuple[int, ...]
   num_classes: int
@@ -65,7 +65,10 @@ def to_class_layout(logits: jax.Array, axis: Axis, where: jax.Array | None) -> C
         raise ValueError(
             f"where of shape {where.shape} does not broadcast to logits of shape {logits.shape}."
         )
-      class_mask = classes_last(jnp.broadcast_to(where, logits.shape), axes)
+      # Broadcast only the class axes: a mask shared by all examples stays that small,
+      # and so does the residual the backward keeps.
+      shape = tuple(n if d in axes else where.shape[d] for d, n in enumerate(logits.shape))
+      class_mask = classes_last(jnp.broadcast_to(where, shape), axes)
     elif broadcasts_to(where.shape, batch_shape):
       example_mask = jnp.broadcast_to(where, batch_shape)
     else:

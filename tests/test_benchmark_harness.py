@@ -1,4 +1,4 @@
-"""benchmarks/run.py keeps working: tiny shapes, every op, both modes and dtypes.
+"""benchmarks/run.py --quick keeps working, on tiny shapes: every op, both modes and dtypes.
 
 Not a timed test: nothing here asserts how fast anything is. It runs the script
 the way a user does (a subprocess, on CPU) and checks that the CSV has its
@@ -32,7 +32,7 @@ def _run_tiny(out: Path) -> subprocess.CompletedProcess:
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as users have
   env["JAX_PLATFORMS"] = "cpu"
   return subprocess.run(
-      [sys.executable, str(SCRIPT), "--tiny", "--out", str(out)],
+      [sys.executable, str(SCRIPT), "--quick", "--tiny", "--out", str(out)],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
   )  # fmt: skip
 

@@ -152,3 +152,18 @@ def test_focal_keeps_only_the_callers_arrays(shape, dtype):
                                                             reduction="mean"),
       x, soft, alpha, jnp.float32(0.5))
   check(res, shape, dtype, {"x", "y", "alpha", "gamma"}, 1)
+
+
+def test_a_class_mask_shared_by_all_examples_is_kept_unbroadcast():
+  x = jnp.ones((64, 1000), jnp.float32)
+  mask = jnp.ones((1, 1000), bool).at[0, 5].set(False)
+  labels = jnp.zeros((64,), jnp.int32)
+  soft = jnp.full((64, 1000), 1e-3, jnp.float32)
+  for f in (
+      lambda x: jaxactv.softmax_cross_entropy_with_integer_labels(
+          x, labels, where=mask, label_smoothing=0.1, reduction="mean"
+      ),
+      lambda x: jaxactv.softmax_cross_entropy(x, soft, where=mask, reduction="mean"),
+  ):
+    masks = [a.shape for a, _ in saved_residuals(f, x) if a.dtype == jnp.bool_ and a.ndim == 2]
+    assert masks == [(1, 1000)], masks
