@@ -21,7 +21,13 @@ from jaxactv import _dtypes
 from jaxactv._arith import as_one_buffer, times_allowing_inf
 from jaxactv._reduction import reduce_losses
 from jaxactv._sigmoid import stable_log_sigmoid, stable_sigmoid
-from jaxactv._validation import as_logits, as_mask, check_nonnegative, check_reduction
+from jaxactv._validation import (
+    as_logits,
+    as_mask,
+    check_nonnegative,
+    check_reduction,
+    check_static_coefficient,
+)
 
 
 def _softplus_tail(x: jax.Array) -> jax.Array:
@@ -175,7 +181,7 @@ def sigmoid_binary_cross_entropy(
     float32 (float64 for float64 logits) losses of ``logits``' shape, or a scalar.
   """
   check_reduction(reduction)
-  _check_smoothing(label_smoothing)
+  check_static_coefficient(label_smoothing, "label_smoothing", upper=1.0)
   logits = as_logits(logits)
   labels = _prepare_labels(logits, labels)
   pos_weight = _broadcastable(pos_weight, logits, "pos_weight")
@@ -183,14 +189,6 @@ def sigmoid_binary_cross_entropy(
   losses = _bce(logits, labels, pos_weight, where, _BceConfig(float(label_smoothing)))
   weights = None if where is None else jnp.broadcast_to(where, logits.shape).astype(losses.dtype)
   return reduce_losses(losses, reduction, weights)
-
-
-def _check_smoothing(label_smoothing) -> None:
-  check_nonnegative(label_smoothing, "label_smoothing")
-  if isinstance(label_smoothing, jax.core.Tracer):
-    raise TypeError("label_smoothing is a static option: pass a Python float.")
-  if label_smoothing > 1.0:
-    raise ValueError(f"label_smoothing must lie in [0, 1]; got {label_smoothing!r}.")
 
 
 # ------------------------------------------------------------------------ focal loss

@@ -30,7 +30,7 @@ from jaxactv._backend import reuse_forward_exponentials
 from jaxactv._layout import to_class_layout
 from jaxactv._reduction import reduce_losses
 from jaxactv._softmax import mask_logits
-from jaxactv._validation import Axis, as_logits, check_nonnegative, check_reduction
+from jaxactv._validation import Axis, as_logits, check_reduction, check_static_coefficient
 from jaxactv._vocab_parallel import VocabShards
 
 
@@ -437,9 +437,5 @@ def softmax_cross_entropy(
 
 
 def check_smoothing_and_z(label_smoothing, z_loss) -> None:
-  check_nonnegative(label_smoothing, "label_smoothing")
-  check_nonnegative(z_loss, "z_loss")
-  if isinstance(label_smoothing, jax.core.Tracer) or isinstance(z_loss, jax.core.Tracer):
-    raise TypeError("label_smoothing and z_loss are static options: pass Python floats.")
-  if label_smoothing > 1.0:
-    raise ValueError(f"label_smoothing must lie in [0, 1]; got {label_smoothing!r}.")
+  check_static_coefficient(label_smoothing, "label_smoothing", upper=1.0)
+  check_static_coefficient(z_loss, "z_loss")

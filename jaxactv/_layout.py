@@ -19,7 +19,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxactv._validation import Axis, broadcasts_to, canonical_axes
+from jaxactv._validation import Axis, as_bool, broadcasts_to, canonical_axes
 
 
 class ClassLayout(NamedTuple):
@@ -57,9 +57,7 @@ def to_class_layout(logits: jax.Array, axis: Axis, where: jax.Array | None) -> C
   num_classes = math.prod(logits.shape[d] for d in axes)
   class_mask = example_mask = None
   if where is not None:
-    where = jnp.asarray(where)
-    if where.dtype != jnp.bool_:
-      raise TypeError(f"where must be a boolean mask; got dtype {where.dtype}.")
+    where = as_bool(where)
     if where.ndim == logits.ndim:
       if not broadcasts_to(where.shape, logits.shape):
         raise ValueError(

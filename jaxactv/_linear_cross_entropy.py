@@ -253,7 +253,8 @@ def _scan_chunks(x2, w, bias, labels, counts, cfg, with_grad, g_rows=None, saved
     if saved is None:
       stats, block = _chunk_stats(xc, w, bias, yc, cfg, shards, ct)
       loss, lse, coef = _row_losses(stats, cfg, num_classes)
-      loss = jnp.where(sc != 0, loss * jnp.where(jnp.isnan(sc), jnp.nan, 1.0), 0.0)
+      # 0 where the row does not count; NaN (from sc) where its label is out of range.
+      loss = jnp.where(sc == 0, 0.0, jnp.where(jnp.isnan(sc), jnp.nan, loss))
     else:
       lse, coef = inputs[3:]
       loss, block = jnp.zeros_like(lse), None

@@ -13,8 +13,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxactv._validation import check_reduction
-
 
 def reduce_losses(
     losses: jax.Array, reduction: str, weights: jax.Array | None = None
@@ -27,7 +25,6 @@ def reduce_losses(
     weights: the mean's per-example denominators, same shape as ``losses``; None
       means every example counts once.
   """
-  check_reduction(reduction)
   if reduction == "none":
     return losses
   total = jnp.sum(losses)

@@ -68,11 +68,16 @@ def as_mask(
   """A boolean mask broadcastable to ``shape`` (returned unbroadcast), or None."""
   if where is None:
     return None
+  where = as_bool(where, name)
+  if not broadcasts_to(where.shape, shape):
+    raise ValueError(f"{name} of shape {where.shape} does not broadcast to shape {shape}.")
+  return where
+
+
+def as_bool(where: ArrayLike, name: str = "where") -> jax.Array:
   where = jnp.asarray(where)
   if where.dtype != jnp.bool_:
     raise TypeError(f"{name} must be a boolean mask; got dtype {where.dtype}.")
-  if not broadcasts_to(where.shape, shape):
-    raise ValueError(f"{name} of shape {where.shape} does not broadcast to shape {shape}.")
   return where
 
 
@@ -87,6 +92,15 @@ def check_reduction(reduction: str) -> str:
   if reduction not in REDUCTIONS:
     raise ValueError(f"reduction must be one of {REDUCTIONS}; got {reduction!r}.")
   return reduction
+
+
+def check_static_coefficient(value, name: str, upper: float | None = None) -> None:
+  """A static (Python) float option in ``[0, upper]``: label_smoothing, z_loss."""
+  if isinstance(value, jax.core.Tracer):
+    raise TypeError(f"{name} is a static option: pass a Python float, not a traced value.")
+  check_nonnegative(value, name)
+  if upper is not None and value > upper:
+    raise ValueError(f"{name} must lie in [0, {upper:g}]; got {value!r}.")
 
 
 def check_nonnegative(value, name: str) -> None:
