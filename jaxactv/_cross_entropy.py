@@ -398,8 +398,8 @@ def softmax_cross_entropy(
 
   Edge cases: a ``-inf`` logit with zero target mass contributes nothing
   (``0 * log 0 = 0``) and gets a finite gradient; one carrying target mass gives
-  loss ``inf``. Classes masked out by ``where`` are left out, label mass on them
-  included (as in optax); examples masked out give loss 0 and gradient 0. A
+  loss ``inf``. Classes masked out by ``where`` are left out, and so is any label
+  mass on them (as in optax); examples masked out give loss 0 and gradient 0. A
   ``+inf`` logit gives ``inf`` or NaN. bfloat16/float16 logits are computed in
   float32; the loss is float32 and each gradient has its argument's dtype.
 

@@ -127,7 +127,8 @@ def kl_divergence_from_logits(
 
   Edge cases: classes with target probability 0 (``-inf`` target logits or
   masked) contribute nothing; a class with target mass and a ``-inf`` logit makes
-  the divergence ``inf``. Masked examples give 0.
+  the divergence ``inf``. Masked examples give 0. A ``+inf`` logit gives NaN (as
+  for the cross-entropies, a loss does not guess the limit).
 
   Args:
     logits: the model's logits ``[..., num_classes]`` (the distribution ``p``).
@@ -203,7 +204,8 @@ def entropy_from_logits(
     H = -\sum_j p_j \log p_j, \qquad \frac{\partial H}{\partial x_j} = -p_j(\log p_j + H)
 
   Edge cases: ``-inf`` and masked logits have ``p = 0`` and contribute nothing
-  (``0 log 0 = 0``), with gradient 0; masked examples give 0.
+  (``0 log 0 = 0``), with gradient 0; masked examples give 0. A ``+inf`` logit
+  gives NaN.
 
   Args:
     logits: ``[..., num_classes]`` floating logits.

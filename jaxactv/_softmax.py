@@ -15,8 +15,9 @@ Every rule keeps at most one residual the size of its input: softmax and
 log_softmax keep their output; logsumexp keeps its input ``x``. A ``where`` mask,
 when given, is the caller's own array and is kept as it is; the rest is per row.
 
-The hot loops use only arithmetic (``min``, ``exp``, sums): XLA fuses those into
-its reductions on every backend, where a per-element select would break the fusion.
+The reductions' inputs are plain arithmetic (``min``, ``exp``): XLA fuses those
+into its reduction kernels, where a per-element select would break the fusion on
+XLA:CPU. Selects appear only in elementwise outputs, where they cost nothing.
 """
 
 from __future__ import annotations
@@ -130,9 +131,11 @@ def _softmax_bwd(axes, res, g):
 
 
 _softmax.defvjp(_softmax_fwd, _softmax_bwd)
+# The public functions check their arguments in Python (axes become a sorted tuple,
+# so a list or None is fine) and call these, compiled once per shape and axes.
+_jit_softmax = jax.jit(_softmax, static_argnums=(2,))
 
 
-@functools.partial(jax.jit, static_argnames=("axis",))
 def softmax(x: ArrayLike, axis: Axis = -1, where: ArrayLike | None = None) -> jax.Array:
   r"""Softmax over ``axis``, safe at infinities and masks, with an exact gradient.
 
@@ -152,7 +155,7 @@ def softmax(x: ArrayLike, axis: Axis = -1, where: ArrayLike | None = None) -> ja
 
   Args:
     x: logits, ``[..., num_classes, ...]``.
-    axis: the axis or tuple of axes to normalise over.
+    axis: the axis, or a tuple (or list) of axes, to normalise over; None for all.
     where: optional boolean mask broadcastable to ``x``; ``False`` entries are left
       out (as in ``jax.nn.softmax``) and get probability 0.
 
@@ -161,7 +164,7 @@ def softmax(x: ArrayLike, axis: Axis = -1, where: ArrayLike | None = None) -> ja
     a row with nothing to normalise).
   """
   x, axes, where = _prepare(x, axis, where)
-  return _softmax(x, where, axes)
+  return _jit_softmax(x, where, axes)
 
 
 # ------------------------------------------------------------------------- log_softmax
@@ -193,9 +196,9 @@ def _log_softmax_bwd(axes, res, g):
 
 
 _log_softmax.defvjp(_log_softmax_fwd, _log_softmax_bwd)
+_jit_log_softmax = jax.jit(_log_softmax, static_argnums=(2,))
 
 
-@functools.partial(jax.jit, static_argnames=("axis",))
 def log_softmax(x: ArrayLike, axis: Axis = -1, where: ArrayLike | None = None) -> jax.Array:
   r"""Log-softmax over ``axis``, safe at infinities and masks, with an exact gradient.
 
@@ -223,7 +226,7 @@ def log_softmax(x: ArrayLike, axis: Axis = -1, where: ArrayLike | None = None) -
 
   Args:
     x: logits, ``[..., num_classes, ...]``.
-    axis: the axis or tuple of axes to normalise over.
+    axis: the axis, or a tuple (or list) of axes, to normalise over; None for all.
     where: optional boolean mask broadcastable to ``x``; ``False`` entries are left
       out and give ``-inf``.
 
@@ -231,7 +234,7 @@ def log_softmax(x: ArrayLike, axis: Axis = -1, where: ArrayLike | None = None) -
     Log-probabilities of ``x``'s shape and dtype.
   """
   x, axes, where = _prepare(x, axis, where)
-  return _log_softmax(x, where, axes)
+  return _jit_log_softmax(x, where, axes)
 
 
 # --------------------------------------------------------------------------- logsumexp
@@ -263,9 +266,9 @@ def _logsumexp_bwd(axes, keepdims, res, g):
 
 
 _logsumexp.defvjp(_logsumexp_fwd, _logsumexp_bwd)
+_jit_logsumexp = jax.jit(_logsumexp, static_argnums=(2, 3))
 
 
-@functools.partial(jax.jit, static_argnames=("axis", "keepdims"))
 def logsumexp(
     x: ArrayLike, axis: Axis = -1, where: ArrayLike | None = None, keepdims: bool = False
 ) -> jax.Array:
@@ -278,7 +281,7 @@ def logsumexp(
   row with nothing to sum gives ``-inf`` with gradient 0; a row with ``+inf`` gives
   ``+inf`` with gradient ``1/k`` on its ``k`` ``+inf`` entries; NaN poisons its own
   row only. Unlike ``jax.nn.logsumexp`` the default ``axis`` is ``-1`` (matching
-  :func:`softmax`); pass ``axis=tuple(range(x.ndim))`` to reduce everything. There
+  :func:`softmax`); pass ``axis=None`` to reduce everything. There
   is no ``b``/``return_sign`` scaling. bfloat16/float16 inputs are computed in
   float32 and returned in the input dtype.
 
@@ -288,7 +291,7 @@ def logsumexp(
 
   Args:
     x: input array.
-    axis: the axis or tuple of axes to reduce.
+    axis: the axis, or a tuple (or list) of axes, to reduce; None for all.
     where: optional boolean mask broadcastable to ``x``; ``False`` entries are left out.
     keepdims: keep the reduced axes with size 1.
 
@@ -296,4 +299,4 @@ def logsumexp(
     ``x``'s dtype, with ``axis`` reduced.
   """
   x, axes, where = _prepare(x, axis, where)
-  return _logsumexp(x, where, axes, keepdims)
+  return _jit_logsumexp(x, where, axes, bool(keepdims))

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-Axis = int | tuple[int, ...]
+Axis = int | Sequence[int] | None
 
 REDUCTIONS = ("none", "mean", "sum")
 
@@ -41,12 +41,14 @@ def as_logits(x: ArrayLike, name: str = "logits") -> jax.Array:
 
 
 def canonical_axes(axis: Axis, ndim: int, name: str = "axis") -> tuple[int, ...]:
-  """``axis`` (an int or a tuple of ints) as sorted non-negative ints, checked against ``ndim``."""
+  """``axis`` (an int, a sequence of ints, or None for all) as sorted non-negative ints."""
+  if axis is None:
+    axis = tuple(range(ndim))
   axes = (axis,) if isinstance(axis, (int, np.integer)) else axis
   if not isinstance(axes, Sequence) or isinstance(axes, str) or not all(
       isinstance(a, (int, np.integer)) and not isinstance(a, bool) for a in axes
   ):
-    raise TypeError(f"{name} must be an int or a tuple of ints; got {axis!r}.")
+    raise TypeError(f"{name} must be an int, a tuple of ints or None; got {axis!r}.")
   if len(axes) == 0:
     raise ValueError(f"{name} must name at least one axis; got {axis!r}.")
   out = []
