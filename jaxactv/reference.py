@@ -23,7 +23,6 @@ import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike
 
-from jaxactv._layout import to_class_layout
 from jaxactv._validation import Axis, canonical_axes, check_reduction
 
 __all__ = [
@@ -113,6 +112,29 @@ def _reduce(losses, reduction, weights):
   return jnp.where(denom == 0, 0.0, jnp.sum(losses) / jnp.where(denom == 0, 1.0, denom))
 
 
+def _classes_last(a, axis):
+  """``a`` with the class axes moved to the end (order kept) and flattened into one."""
+  axes = canonical_axes(axis, a.ndim)
+  a = jnp.moveaxis(a, axes, tuple(range(a.ndim - len(axes), a.ndim)))
+  return a.reshape((*a.shape[: a.ndim - len(axes)], -1))
+
+
+def _split_mask(logits, axis, where):
+  """``(x, valid, counted)``: logits ``[*batch, K]``, the classes that take part
+  (``[*batch, K]``), and the examples that count (``[*batch]``), from optax's ``where``:
+  a per-logit mask has the logits' rank, a per-example mask the batch's."""
+  x = _classes_last(logits, axis)
+  valid = jnp.ones(x.shape, bool)
+  counted = jnp.ones(x.shape[:-1], bool)
+  if where is not None:
+    where = jnp.asarray(where)
+    if where.ndim == logits.ndim:
+      valid = _classes_last(jnp.broadcast_to(where, logits.shape), axis)
+    else:
+      counted = jnp.broadcast_to(where, counted.shape)
+  return x, valid, counted & jnp.any(valid, -1)
+
+
 def _loss_float(x):
   x = jnp.asarray(x)
   return x.astype(jnp.promote_types(x.dtype, jnp.float32))
@@ -129,9 +151,8 @@ def softmax_cross_entropy_with_integer_labels(
     logits = lax.all_gather(logits, vocab_axis, axis=logits.ndim - 1, tiled=True)
     if class_weights is not None:
       class_weights = lax.all_gather(jnp.asarray(class_weights), vocab_axis, tiled=True)
-  lay = to_class_layout(logits, axis, where)
-  x, k = lay.logits, lay.num_classes
-  valid = jnp.ones(x.shape, bool) if lay.class_mask is None else lay.class_mask
+  x, valid, counts = _split_mask(logits, axis, where)
+  k = x.shape[-1]
   logp = log_softmax(x, where=valid)
   w = jnp.ones((k,), x.dtype) if class_weights is None else _loss_float(class_weights)
   safe = jnp.clip(labels, 0, k - 1)
@@ -143,11 +164,8 @@ def softmax_cross_entropy_with_integer_labels(
     loss += -(label_smoothing / n_valid) * jnp.sum(jnp.where(valid, w * logp, 0.0), -1)
   if z_loss:
     loss += z_loss * logsumexp(x, where=valid) ** 2
-  counts = jnp.any(valid, -1)
   if ignore_index is not None:
     counts &= labels != ignore_index
-  if lay.example_mask is not None:
-    counts &= lay.example_mask
   in_range = (labels >= 0) & (labels < k)
   loss = jnp.where(counts, jnp.where(in_range, loss, jnp.nan), 0.0)
   return _reduce(loss, reduction, jnp.where(counts, w_y, 0.0))
@@ -158,10 +176,8 @@ def softmax_cross_entropy(
 ):
   """``-sum_j t_j log softmax(x)_j + z lse^2`` with ``t = (1-eps) y + eps/K``, unfused."""
   logits = _loss_float(logits)
-  lay = to_class_layout(logits, axis, where)
-  x = lay.logits
-  t = to_class_layout(_loss_float(labels), axis, None).logits
-  valid = jnp.ones(x.shape, bool) if lay.class_mask is None else lay.class_mask
+  x, valid, counts = _split_mask(logits, axis, where)
+  t = _classes_last(_loss_float(labels), axis)
   if label_smoothing:
     n_valid = jnp.sum(valid, -1, keepdims=True)
     t = (1 - label_smoothing) * t + label_smoothing / n_valid
@@ -169,9 +185,6 @@ def softmax_cross_entropy(
   loss = -jnp.sum(jnp.where(valid, t * logp, 0.0), -1)
   if z_loss:
     loss += z_loss * logsumexp(x, where=valid) ** 2
-  counts = jnp.any(valid, -1)
-  if lay.example_mask is not None:
-    counts &= lay.example_mask
   loss = jnp.where(counts, loss, 0.0)
   return _reduce(loss, reduction, counts)
 
@@ -206,27 +219,19 @@ def sigmoid_focal_loss(logits, labels, alpha=None, gamma=2.0, *, where=None, red
 
 def kl_divergence_from_logits(logits, target_logits, axis=-1, where=None, *, reduction="none"):
   """``sum_j q_j (log q_j - log p_j)`` with ``q = softmax(t)``, ``p = softmax(x)``, unfused."""
-  lay = to_class_layout(_loss_float(logits), axis, where)
-  t = to_class_layout(_loss_float(target_logits), axis, None).logits
-  valid = jnp.ones(lay.logits.shape, bool) if lay.class_mask is None else lay.class_mask
-  logq, logp = log_softmax(t, where=valid), log_softmax(lay.logits, where=valid)
+  x, valid, counts = _split_mask(_loss_float(logits), axis, where)
+  t = _classes_last(_loss_float(target_logits), axis)
+  logq, logp = log_softmax(t, where=valid), log_softmax(x, where=valid)
   q = jnp.exp(logq)
   kl = jnp.sum(jnp.where(valid & (q > 0), q * (logq - logp), 0.0), -1)
-  counts = jnp.any(valid, -1)
-  if lay.example_mask is not None:
-    counts &= lay.example_mask
   return _reduce(jnp.where(counts, kl, 0.0), reduction, counts)
 
 
 def entropy_from_logits(logits, axis=-1, where=None, *, reduction="none"):
   """``-sum_j p_j log p_j`` with ``p = softmax(x)``, unfused."""
-  lay = to_class_layout(_loss_float(logits), axis, where)
-  valid = jnp.ones(lay.logits.shape, bool) if lay.class_mask is None else lay.class_mask
-  logp = log_softmax(lay.logits, where=valid)
+  x, valid, counts = _split_mask(_loss_float(logits), axis, where)
+  logp = log_softmax(x, where=valid)
   h = -jnp.sum(jnp.where(valid & (logp > -jnp.inf), jnp.exp(logp) * logp, 0.0), -1)
-  counts = jnp.any(valid, -1)
-  if lay.example_mask is not None:
-    counts &= lay.example_mask
   return _reduce(jnp.where(counts, h, 0.0), reduction, counts)
 
 
