@@ -14,21 +14,17 @@ import numpy as np
 import optax
 import pytest
 import torch
+from loss_testing import REDUCTIONS, all_reductions, f64, reduce_like_spec
 
 import jaxactv
 from jaxactv import reference
 
 BCE = jaxactv.sigmoid_binary_cross_entropy
 FOCAL = jaxactv.sigmoid_focal_loss
-REDUCTIONS = ("none", "mean", "sum")
 TF = torch.nn.functional
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def f64(a):
-  return np.asarray(a).astype(np.float64)
 
 
 def np_sigmoid(x):
@@ -105,33 +101,6 @@ def assert_within(got, ref, tol):
   assert np.all(err <= tol), (
       f"{int((err > tol).sum())} violations; worst at {worst}: got {f64(got)[worst]!r}, "
       f"expected {f64(ref)[worst]!r}, tolerance {tol[worst]!r}")
-
-
-def reduce_like_spec(per, reduction, weights):
-  if reduction == "none":
-    return per
-  total = jnp.sum(per)
-  if reduction == "sum":
-    return total
-  denom = jnp.sum(weights)
-  return total / jnp.where(denom == 0, 1.0, denom)
-
-
-def all_reductions(make, args, cts, extra=()):
-  """({reduction: value}, one vjp w.r.t. ``args``) of ``make(reduction)(*args, *extra)``.
-
-  The three reductions share one backward pass: each gets its own cotangent and the vjp
-  is their sum, so an error in any one gradient shows. ``extra`` (labels, masks,
-  weights) are jit arguments rather than constants for XLA to fold. One jit.
-  """
-
-  @jax.jit
-  def run(args, extra, cts):
-    values, pull = jax.vjp(lambda *a: {r: make(r)(*a, *extra) for r in REDUCTIONS}, *args)
-    return values, pull(cts)
-
-  return run(tuple(jnp.asarray(a) for a in args), tuple(jnp.asarray(a) for a in extra),
-             {r: jnp.asarray(c) for r, c in cts.items()})
 
 
 def random_cts(rng, shape):

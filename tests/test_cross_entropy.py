@@ -16,27 +16,17 @@ import numpy as np
 import optax
 import pytest
 import torch
+from loss_testing import REDUCTIONS, all_reductions, canon_axes, f64, reduce_like_spec
 
 import jaxactv
 from jaxactv import reference
 
 INT = jaxactv.softmax_cross_entropy_with_integer_labels
 SOFT = jaxactv.softmax_cross_entropy
-REDUCTIONS = ("none", "mean", "sum")
 TF = torch.nn.functional
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def f64(a):
-  """Any array (bfloat16 and float16 included) as float64 NumPy, exactly."""
-  return np.asarray(a).astype(np.float64)
-
-
-def canon_axes(axis, ndim):
-  axis = (axis,) if isinstance(axis, int) else axis
-  return tuple(sorted(a % ndim for a in axis))
 
 
 def np_classes_last(a, axes):
@@ -100,34 +90,6 @@ def jit_vjp(fn, args, ct):
     return y, pull(ct)
 
   return run(tuple(jnp.asarray(a) for a in args), jnp.asarray(ct))
-
-
-def all_reductions(make, args, cts, extra=()):
-  """({reduction: value}, one vjp w.r.t. ``args``) of ``make(reduction)(*args, *extra)``.
-
-  The three reductions share one backward pass: each gets its own cotangent and the vjp
-  is their sum, so an error in any one gradient shows. ``extra`` (labels, masks,
-  weights) are jit arguments rather than constants for XLA to fold. One jit.
-  """
-
-  @jax.jit
-  def run(args, extra, cts):
-    values, pull = jax.vjp(lambda *a: {r: make(r)(*a, *extra) for r in REDUCTIONS}, *args)
-    return values, pull(cts)
-
-  return run(tuple(jnp.asarray(a) for a in args), tuple(jnp.asarray(a) for a in extra),
-             {r: jnp.asarray(c) for r, c in cts.items()})
-
-
-def reduce_like_spec(per_example, reduction, weights):
-  """The spec's reductions, written out: a weighted mean is 0 when nothing counts."""
-  if reduction == "none":
-    return per_example
-  total = jnp.sum(per_example)
-  if reduction == "sum":
-    return total
-  denom = jnp.sum(weights)
-  return total / jnp.where(denom == 0, 1.0, denom)
 
 
 def random_cts(rng, batch_shape):

@@ -15,26 +15,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from loss_testing import REDUCTIONS, all_reductions, canon_axes, f64, reduce_like_spec
 
 import jaxactv
 from jaxactv import reference
 
 KL = jaxactv.kl_divergence_from_logits
 ENTROPY = jaxactv.entropy_from_logits
-REDUCTIONS = ("none", "mean", "sum")
 F32_EPS = float(np.finfo(np.float32).eps)
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def f64(a):
-  return np.asarray(a).astype(np.float64)
-
-
-def canon_axes(axis, ndim):
-  axis = (axis,) if isinstance(axis, int) else axis
-  return tuple(sorted(a % ndim for a in axis))
 
 
 def np_log_softmax(x, axes, valid=None):
@@ -78,32 +69,6 @@ def np_entropy_grad(x, axes, valid=None):
   p = np.exp(logp)
   h = np.expand_dims(np_entropy(x, axes, valid), axes)
   return np.where(p > 0, -p * (np.where(p > 0, logp, 0.0) + h), 0.0)
-
-
-def reduce_like_spec(per, reduction, weights):
-  if reduction == "none":
-    return per
-  total = jnp.sum(per)
-  if reduction == "sum":
-    return total
-  denom = jnp.sum(weights)
-  return total / jnp.where(denom == 0, 1.0, denom)
-
-
-def all_reductions(make, args, cts, extra=()):
-  """({reduction: value}, one vjp w.r.t. ``args``) of ``make(reduction)(*args, *extra)``.
-
-  The three reductions share one backward pass with a cotangent each, so an error in any
-  one gradient shows in the sum. ``extra`` (masks) are jit arguments, not constants.
-  """
-
-  @jax.jit
-  def run(args, extra, cts):
-    values, pull = jax.vjp(lambda *a: {r: make(r)(*a, *extra) for r in REDUCTIONS}, *args)
-    return values, pull(cts)
-
-  return run(tuple(jnp.asarray(a) for a in args), tuple(jnp.asarray(a) for a in extra),
-             {r: jnp.asarray(c) for r, c in cts.items()})
 
 
 def random_cts(rng, batch_shape):
