@@ -1,4 +1,4 @@
-"""Products with infinities where zero must win: ``0 * inf = 0``.
+"""Elementwise helpers for losses: ``0 * inf = 0``, and one select that shapes fusion.
 
 A loss often needs ``t * d`` where ``t`` may be 0 exactly where ``d`` is infinite
 (``0 * log 0``: a label of 0 at a logit of ``-inf``) and wants 0 there, not NaN.
