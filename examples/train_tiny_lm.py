@@ -1,0 +1,254 @@
+"""A tiny causal language model trained with jaxactv's fused linear cross-entropy.
+
+Two pre-norm transformer blocks in plain JAX, trained with optax AdamW on the Python
+standard library's own source (on every machine, nothing downloaded), with a byte-level
+BPE vocabulary of 8192 tokens trained locally with `tokenizers`. The output layer and the
+loss are one call, ``jaxactv.linear_softmax_cross_entropy(h, w_out, targets, ...)``, which
+never forms the ``[tokens, vocab]`` logits. Padding is masked out of the loss.
+
+  python examples/train_tiny_lm.py                    # about a minute on 2 CPU cores
+  python examples/train_tiny_lm.py --compare-unfused  # + x @ w and optax's loss, + memory
+  python examples/train_tiny_lm.py --devices 8        # + the same on a (data, vocab) mesh
+
+Writes ``metrics.json``, ``timing.json`` and plots into ``runs/tiny_lm/``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import tiny_lm_support as support
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jaxactv
+
+
+class Config(NamedTuple):
+  vocab: int
+  d_model: int
+  heads: int
+  layers: int
+  seq_len: int
+
+
+# --------------------------------------------------------------------------- model
+
+
+def init_params(key: jax.Array, cfg: Config) -> dict:
+  keys = iter(jax.random.split(key, 3 + 4 * cfg.layers))
+  normal = lambda shape, std=0.02: std * jax.random.normal(next(keys), shape, jnp.float32)
+  norm = lambda: {"scale": jnp.ones(cfg.d_model), "bias": jnp.zeros(cfg.d_model)}
+  d, resid = cfg.d_model, 0.02 / math.sqrt(2 * cfg.layers)  # GPT-2's residual scaling
+  blocks = [{"ln1": norm(), "qkv": normal((d, 3 * d)), "proj": normal((d, d), resid),
+             "ln2": norm(), "up": normal((d, 4 * d)), "down": normal((4 * d, d), resid)}
+            for _ in range(cfg.layers)]
+  return {"embed": normal((cfg.vocab, d)), "pos": normal((cfg.seq_len, d)), "blocks": blocks,
+          "ln_f": norm(), "w_out": normal((d, cfg.vocab))}  # untied output layer, [D, V]
+
+
+def layer_norm(x: jax.Array, p: dict) -> jax.Array:
+  mean, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+  return (x - mean) * jax.lax.rsqrt(var + 1e-5) * p["scale"] + p["bias"]
+
+
+def hidden_states(params: dict, tokens: jax.Array, heads: int) -> jax.Array:
+  """``[B, T]`` token ids -> ``[B, T, D]`` final hidden states (everything but the head)."""
+  b, t = tokens.shape
+  x = params["embed"][tokens] + params["pos"][:t]
+  for blk in params["blocks"]:
+    q, k, v = jnp.split(layer_norm(x, blk["ln1"]) @ blk["qkv"], 3, axis=-1)
+    q, k, v = (a.reshape(b, t, heads, -1) for a in (q, k, v))
+    att = jax.nn.dot_product_attention(q, k, v, is_causal=True).reshape(b, t, -1)
+    x = x + att @ blk["proj"]
+    x = x + jax.nn.gelu(layer_norm(x, blk["ln2"]) @ blk["up"]) @ blk["down"]
+  return layer_norm(x, params["ln_f"])
+
+
+# ---------------------------------------------------------------------------- loss
+
+
+def lm_loss(h: jax.Array, w: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
+  """Mean next-token cross-entropy over the tokens where ``mask`` is True. Fused."""
+  return jaxactv.linear_softmax_cross_entropy(
+      h, w, jnp.where(mask, targets, -1), ignore_index=-1)
+
+
+def unfused_lm_loss(h, w, targets, mask):
+  """The same loss the usual way: ``[B, T, V]`` logits, then optax."""
+  losses = optax.softmax_cross_entropy_with_integer_labels(h @ w, targets)
+  return jnp.sum(jnp.where(mask, losses, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
+
+
+def sharded_lm_loss(mesh: Mesh):
+  """``lm_loss`` on a (data, vocab) mesh: each device holds a batch shard and a vocab slice."""
+
+  def local(h, w, targets, mask):  # h, targets, mask: [B / data, ...]; w: [D, V / vocab]
+    total = jaxactv.linear_softmax_cross_entropy(
+        h, w, jnp.where(mask, targets, -1), ignore_index=-1, reduction="sum",
+        vocab_axis="vocab")  # one pmax and one psum over "vocab"; the vocab is never gathered
+    return jax.lax.psum(total, "data") / jnp.maximum(jax.lax.psum(jnp.sum(mask), "data"), 1)
+
+  return jax.shard_map(local, mesh=mesh, out_specs=P(), check_vma=False,
+                       in_specs=(P("data"), P(None, "vocab"), P("data"), P("data")))
+
+
+# ------------------------------------------------------------------------ training
+
+
+def make_train_step(loss_fn, optimizer, cfg: Config):
+  def objective(params, inputs, targets, mask):
+    return loss_fn(hidden_states(params, inputs, cfg.heads), params["w_out"], targets, mask)
+
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
+  def train_step(params, opt_state, inputs, targets, mask):
+    loss, grads = jax.value_and_grad(objective)(params, inputs, targets, mask)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  return train_step, jax.jit(objective)
+
+
+def make_optimizer(lr: float, steps: int):
+  schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, steps // 10), steps, lr / 10)
+  return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.1))
+
+
+def train(name, loss_fn, cfg, args, data, heldout, order, mesh=None, start=0.0):
+  """Trains from the init fixed by ``--seed``; returns the params and the per-step losses."""
+  optimizer = make_optimizer(args.lr, args.steps)
+  train_step, evaluate = make_train_step(loss_fn, optimizer, cfg)
+  params = init_params(jax.random.key(args.seed), cfg)
+  put = lambda tree, spec: tree  # one device: leave arrays where they are
+  if mesh is not None:  # w_out split over "vocab", the rest replicated; batches over "data"
+    put = lambda tree, spec: jax.device_put(tree, NamedSharding(mesh, spec))
+    params = {k: put(v, P(None, "vocab") if k == "w_out" else P()) for k, v in params.items()}
+  opt_state = jax.jit(optimizer.init)(params)
+  progress, losses, curve = support.Progress(name, args.steps, start), [], []
+  eval_at = {max(1, round(args.steps * f)) for f in (0.25, 0.5, 0.75, 1.0)}
+  for step, rows in enumerate(order):
+    batch = put([a[rows] for a in data], P("data"))
+    params, opt_state, loss = train_step(params, opt_state, *batch)
+    losses.append(loss)
+    progress.update(step, loss, int(data.mask[rows].sum()))
+    if step + 1 in eval_at and name == "fused":
+      curve.append({"step": step + 1, **heldout_loss(evaluate, params, heldout, 4 * len(rows))})
+  return params, [float(v) for v in losses], curve
+
+
+def heldout_loss(evaluate, params, heldout, batch_size) -> dict:
+  """Token-weighted mean loss on the held-out windows and its perplexity."""
+  pad = -len(heldout.inputs) % batch_size  # whole batches: the extra rows are all masked out
+  heldout = [np.pad(a, ((0, pad), (0, 0))) for a in heldout]
+  total, count = 0.0, 0
+  for lo in range(0, len(heldout[0]), batch_size):
+    batch = [a[lo:lo + batch_size] for a in heldout]  # the fused loss, forward only
+    n = int(batch[2].sum())
+    total, count = total + float(evaluate(params, *batch)) * n, count + n
+  loss = total / max(count, 1)
+  return {"loss": loss, "perplexity": math.exp(loss), "tokens": count}
+
+
+@functools.partial(jax.jit, static_argnames=("heads", "new_tokens"))
+def greedy_decode(params, prompt, prompt_len, *, heads, new_tokens):
+  """Extends ``prompt[:prompt_len]`` by ``new_tokens`` argmax tokens (no KV cache: tiny)."""
+
+  def step(i, tokens):
+    h = hidden_states(params, tokens[None], heads)[0, prompt_len + i - 1]
+    return tokens.at[prompt_len + i].set(jnp.argmax(h @ params["w_out"]).astype(tokens.dtype))
+
+  return jax.lax.fori_loop(0, new_tokens, step, prompt)
+
+
+# ---------------------------------------------------------------------------- memory
+
+
+def train_step_temp_bytes(loss_fn, cfg: Config, tokens_per_step: int) -> int:
+  """XLA's temp memory for one train step at this shape: lowered and compiled, never run."""
+  train_step, _ = make_train_step(loss_fn, make_optimizer(1e-3, 100), cfg)
+  params = jax.eval_shape(init_params, jax.random.key(0), cfg)  # ShapeDtypeStructs only
+  opt_state = jax.eval_shape(make_optimizer(1e-3, 100).init, params)
+  shape = (tokens_per_step // cfg.seq_len, cfg.seq_len)
+  batch = [jax.ShapeDtypeStruct(shape, dtype) for dtype in (jnp.int32, jnp.int32, bool)]
+  compiled = train_step.lower(params, opt_state, *batch).compile()
+  return compiled.memory_analysis().temp_size_in_bytes
+
+
+def measure_memory(cfg: Config, args) -> dict:
+  def row(vocab, tokens):
+    c = cfg._replace(vocab=vocab)
+    return {"vocab": vocab, "tokens": tokens,
+            "fused_temp_bytes": train_step_temp_bytes(lm_loss, c, tokens),
+            "unfused_temp_bytes": train_step_temp_bytes(unfused_lm_loss, c, tokens)}
+
+  sweep = [row(v, args.memory_tokens) for v in args.memory_vocabs]
+  return {"example": row(cfg.vocab, args.batch_size * cfg.seq_len), "vocab_sweep": sweep,
+          "scaled": max(sweep, key=lambda r: r["vocab"])}
+
+
+# ------------------------------------------------------------------------------ main
+
+
+def main(argv=None) -> dict:
+  start = time.perf_counter()
+  args = support.parse_args(argv, __doc__)
+  if args.devices > 1:  # host CPU devices; the same as XLA_FLAGS=--xla_force_host_platform_...
+    jax.config.update("jax_num_cpu_devices", args.devices)  # (must come before jax.devices())
+    if len(jax.devices()) < args.devices:
+      support.fail(f"--devices {args.devices}, but {jax.default_backend()} has "
+                   f"{len(jax.devices())} devices")
+  corpus = support.load_corpus(args.corpus_mb)
+  tokenizer = support.train_tokenizer(corpus.train, args.vocab_size)
+  data, heldout = (support.make_windows(tokenizer, texts, args.seq_len)
+                   for texts in (corpus.train, corpus.heldout))
+  cfg = Config(args.vocab_size, args.d_model, args.heads, args.layers, args.seq_len)
+  order = support.batch_order(len(data.inputs), args.batch_size, args.steps, args.seed)
+  print(f"corpus: {corpus.info['train_files']} + {corpus.info['heldout_files']} held-out stdlib "
+        f"files, {int(data.mask.sum()):,} + {int(heldout.mask.sum()):,} tokens, vocab "
+        f"{tokenizer.get_vocab_size()} ({time.perf_counter() - start:.1f} s)")
+
+  params, losses, curve = train("fused", lm_loss, cfg, args, data, heldout, order, start=start)
+  runs = {"fused": {"losses": losses}}
+  metrics = {"config": {**{k: str(v) if k == "out" else v for k, v in vars(args).items()},
+                        "jax": jax.__version__, "jaxactv": jaxactv.__version__},
+             "corpus": corpus.info, "runs": runs,
+             "heldout": {**curve[-1], "curve": curve}, "samples": []}
+  for prompt in ("def", "import", "class", "    return"):
+    ids = [1, *tokenizer.encode(prompt).ids]
+    buf = np.zeros(args.seq_len, np.int32)
+    buf[:len(ids)] = ids
+    new = min(40, args.seq_len - len(ids))
+    out = greedy_decode(params, buf, len(ids), heads=cfg.heads, new_tokens=new)
+    text = tokenizer.decode(out[1:len(ids) + new].tolist())
+    metrics["samples"].append({"prompt": prompt, "text": text})
+  train_time = time.perf_counter() - start
+
+  if args.compare_unfused:
+    _, losses, _ = train("unfused", unfused_lm_loss, cfg, args, data, heldout, order, start=start)
+    runs["unfused"] = {"losses": losses}
+    metrics["memory"] = measure_memory(cfg, args)
+  if args.devices > 1:
+    shape = (args.data_parallel, args.devices // args.data_parallel)
+    mesh = Mesh(np.array(jax.devices()[:args.devices]).reshape(shape), ("data", "vocab"))
+    _, losses, _ = train("fused_sharded", sharded_lm_loss(mesh), cfg, args, data, heldout, order,
+                         mesh=mesh, start=start)
+    runs["fused_sharded"] = {"losses": losses, "mesh": {"data": shape[0], "vocab": shape[1]}}
+  for run in list(runs.values())[1:]:
+    run["max_abs_loss_diff_vs_fused"] = float(np.max(np.abs(
+        np.subtract(run["losses"], runs["fused"]["losses"]))))
+
+  timing = {"train_and_sample_s": train_time, "total_s": time.perf_counter() - start}
+  support.write_reports(args.out, metrics, timing)
+  support.print_summary(metrics, timing)
+  return metrics
+
+
+if __name__ == "__main__":
+  main()
