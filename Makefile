@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint bench bench-quick clean
+.PHONY: demo demo-lm test lint bench bench-quick clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,10 @@ $(STAMP): pyproject.toml | $(PY)
 
 demo: $(STAMP)
 	$(PY) examples/train_digits.py
+
+# The language-model example: fused linear cross-entropy in a training loop (examples/README.md).
+demo-lm: $(STAMP)
+	$(PY) examples/train_tiny_lm.py
 
 test: $(STAMP)
 	$(PY) -m ruff check .

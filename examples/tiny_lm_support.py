@@ -21,7 +21,7 @@ import numpy as np
 PROG = "train_tiny_lm.py"
 PAD, EOS = "<pad>", "<eos>"  # token ids 0 and 1
 HELDOUT_EVERY = 10  # every 10th standard-library file (in sorted order) is held out
-HELDOUT_CHARS = 2500  # of which the first 2500 characters are evaluated
+HELDOUT_WINDOWS = 96  # evaluated windows, spread evenly over the held-out files
 DPI = 120
 
 
@@ -51,10 +51,10 @@ def int_list(text: str) -> list[int]:
 def parse_args(argv: list[str] | None, doc: str) -> argparse.Namespace:
   p = OneLineParser(prog=PROG, description=doc.split("\n\n")[0],
                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-  p.add_argument("--steps", type=int, default=300, help="training steps")
+  p.add_argument("--steps", type=int, default=200, help="training steps")
   p.add_argument("--batch-size", type=int, default=8, help="sequences per step")
   p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
-  p.add_argument("--d-model", type=int, default=128, help="width of the model")
+  p.add_argument("--d-model", type=int, default=96, help="width of the model")
   p.add_argument("--heads", type=int, default=4, help="attention heads")
   p.add_argument("--layers", type=int, default=2, help="transformer blocks")
   p.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary size")
@@ -131,9 +131,8 @@ class Corpus(NamedTuple):
 def load_corpus(megabytes: float) -> Corpus:
   """The standard library's own ``*.py`` files, sorted by name: on every machine with Python.
 
-  Every 10th file is held out, whole (no held-out line is trained on); its first
-  ``HELDOUT_CHARS`` characters are kept for evaluation. The other files are taken in order
-  until ``megabytes`` of text for training.
+  Every 10th file is held out, whole: no held-out line is trained on. The other files are
+  taken in order until ``megabytes`` of text for training.
   """
   root = sysconfig.get_paths()["stdlib"]
   paths = sorted(glob.glob(os.path.join(root, "*.py")))
@@ -142,7 +141,7 @@ def load_corpus(megabytes: float) -> Corpus:
   train, heldout, budget = [], [], int(megabytes * 1e6)
   for i, path in enumerate(paths):
     if i % HELDOUT_EVERY == 0:
-      heldout.append(Path(path).read_text(encoding="utf-8", errors="replace")[:HELDOUT_CHARS])
+      heldout.append(Path(path).read_text(encoding="utf-8", errors="replace"))
     elif sum(map(len, train)) < budget:
       train.append(Path(path).read_text(encoding="utf-8", errors="replace"))
   info = {"root": root, "python": sys.version.split()[0],
@@ -192,6 +191,12 @@ def make_windows(tokenizer, texts: list[str], seq_len: int) -> Windows:
   return Windows(data[:, :-1], data[:, 1:], valid)
 
 
+def evenly_spaced(windows: Windows, count: int) -> Windows:
+  """``count`` windows spread evenly over ``windows`` (all of them if there are fewer)."""
+  keep = np.unique(np.linspace(0, len(windows.inputs) - 1, count).round().astype(int))
+  return Windows(*(a[keep] for a in windows))
+
+
 def batch_order(num_windows: int, batch_size: int, steps: int, seed: int) -> np.ndarray:
   """``[steps, batch_size]`` window indices: a fresh permutation every epoch, fixed by seed."""
   rng = np.random.default_rng(seed)
@@ -206,8 +211,8 @@ def batch_order(num_windows: int, batch_size: int, steps: int, seed: int) -> np.
 class Progress:
   """Prints ``step, loss, tokens/s, elapsed`` about ten times per run."""
 
-  def __init__(self, name: str, steps: int, start: float):
-    self.name, self.steps, self.start = name, steps, start
+  def __init__(self, name: str, steps: int, clock: Clock):
+    self.name, self.steps, self.clock = name, steps, clock
     self.every = max(1, steps // 10)
     self.last_time, self.tokens = time.perf_counter(), 0
 
@@ -219,8 +224,28 @@ class Progress:
     now = time.perf_counter()
     rate = self.tokens / (now - self.last_time)
     print(f"[{self.name}] step {step + 1:4d}/{self.steps}  loss {loss:.4f}  "
-          f"{rate:8,.0f} tokens/s  elapsed {now - self.start:5.1f} s", flush=True)
+          f"{rate:8,.0f} tokens/s  elapsed {self.clock.elapsed():5.1f} s", flush=True)
     self.last_time, self.tokens = now, 0
+
+
+class Clock:
+  """Wall and CPU seconds (all threads) of each phase, for timing.json."""
+
+  def __init__(self):
+    self.wall, self.cpu, self.phases = time.perf_counter(), time.process_time(), {}
+    self._last = (self.wall, self.cpu)
+
+  def elapsed(self) -> float:
+    return time.perf_counter() - self.wall
+
+  def lap(self, phase: str) -> None:
+    now = (time.perf_counter(), time.process_time())
+    self.phases[phase] = {"wall_s": now[0] - self._last[0], "cpu_s": now[1] - self._last[1]}
+    self._last = now
+
+  def report(self) -> dict:
+    return {"phases": self.phases, "total_wall_s": self.elapsed(),
+            "total_cpu_s": time.process_time() - self.cpu}
 
 
 def mib(n_bytes: int) -> str:
@@ -302,14 +327,13 @@ def print_summary(metrics: dict, timing: dict) -> None:
   held = metrics["heldout"]
   print(f"held-out: loss {held['loss']:.4f}, perplexity {held['perplexity']:.1f} "
         f"on {held['tokens']:,} tokens of files never trained on")
-  for sample in metrics["samples"]:
-    print(f"--- greedy from {sample['prompt']!r}:\n{sample['text']}")
-  print("---")
   for name, run in metrics["runs"].items():
+    where = f" on mesh {run['mesh']}, per device" if "mesh" in run else ""
+    line = f"{name}: train step temp memory{where} {mib(run['train_step_temp_bytes'])}"
     if name != "fused":
-      extra = f" on mesh {run['mesh']}" if "mesh" in run else ""
-      print(f"{name}{extra}: largest per-step loss difference from fused "
-            f"{run['max_abs_loss_diff_vs_fused']:.2e} over {len(run['losses'])} steps")
+      line += (f"; largest per-step loss difference from fused "
+               f"{run['max_abs_loss_diff_vs_fused']:.2e} over {len(run['losses'])} steps")
+    print(line)
   if "memory" in metrics:
     print("XLA temp memory of one compiled train step (value_and_grad + AdamW):")
     for label, row in [("example", metrics["memory"]["example"]),
@@ -317,5 +341,9 @@ def print_summary(metrics: dict, timing: dict) -> None:
       fused, unfused = row["fused_temp_bytes"], row["unfused_temp_bytes"]
       print(f"  {label:>13}: {row['tokens']:6,} tokens, V = {row['vocab']:7,}: fused "
             f"{mib(fused):>11}, unfused {mib(unfused):>11} ({unfused / max(fused, 1):.1f}x)")
-  print(f"done in {timing['total_s']:.1f} s (training and samples: "
-        f"{timing['train_and_sample_s']:.1f} s); wrote {metrics['config']['out']}/")
+  for sample in metrics["samples"]:
+    print(f"--- greedy from {sample['prompt']!r}:\n{sample['text']}")
+  print("---")
+  wall = {k: round(v["wall_s"], 1) for k, v in timing["phases"].items()}
+  print(f"done in {timing['total_wall_s']:.1f} s ({timing['total_cpu_s']:.1f} s of CPU time); "
+        f"by phase, seconds: {wall}; wrote {metrics['config']['out']}/")

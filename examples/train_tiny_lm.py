@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import math
-import time
 from typing import NamedTuple
 
 import jax
@@ -118,11 +117,12 @@ def make_train_step(loss_fn, optimizer, cfg: Config):
 
 def make_optimizer(lr: float, steps: int):
   schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, steps // 10), steps, lr / 10)
-  return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.1))
+  adamw = optax.adamw(schedule, b2=0.95, weight_decay=0.1)
+  return optax.chain(optax.clip_by_global_norm(1.0), adamw)
 
 
-def train(name, loss_fn, cfg, args, data, heldout, order, mesh=None, start=0.0):
-  """Trains from the init fixed by ``--seed``; returns the params and the per-step losses."""
+def train(name, loss_fn, cfg, args, data, heldout, order, clock, mesh=None):
+  """Trains from the init fixed by ``--seed``; returns the params, the run's record, evals."""
   optimizer = make_optimizer(args.lr, args.steps)
   train_step, evaluate = make_train_step(loss_fn, optimizer, cfg)
   params = init_params(jax.random.key(args.seed), cfg)
@@ -131,7 +131,10 @@ def train(name, loss_fn, cfg, args, data, heldout, order, mesh=None, start=0.0):
     put = lambda tree, spec: jax.device_put(tree, NamedSharding(mesh, spec))
     params = {k: put(v, P(None, "vocab") if k == "w_out" else P()) for k, v in params.items()}
   opt_state = jax.jit(optimizer.init)(params)
-  progress, losses, curve = support.Progress(name, args.steps, start), [], []
+  first = put([a[order[0]] for a in data], P("data"))
+  compiled = train_step.lower(params, opt_state, *first).compile()  # jit reuses it below
+  run = {"train_step_temp_bytes": compiled.memory_analysis().temp_size_in_bytes}
+  progress, losses, curve = support.Progress(name, args.steps, clock), [], []
   eval_at = {max(1, round(args.steps * f)) for f in (0.25, 0.5, 0.75, 1.0)}
   for step, rows in enumerate(order):
     batch = put([a[rows] for a in data], P("data"))
@@ -140,7 +143,7 @@ def train(name, loss_fn, cfg, args, data, heldout, order, mesh=None, start=0.0):
     progress.update(step, loss, int(data.mask[rows].sum()))
     if step + 1 in eval_at and name == "fused":
       curve.append({"step": step + 1, **heldout_loss(evaluate, params, heldout, 4 * len(rows))})
-  return params, [float(v) for v in losses], curve
+  return params, {"losses": [float(v) for v in losses], **run}, curve
 
 
 def heldout_loss(evaluate, params, heldout, batch_size) -> dict:
@@ -173,7 +176,7 @@ def greedy_decode(params, prompt, prompt_len, *, heads, new_tokens):
 def train_step_temp_bytes(loss_fn, cfg: Config, tokens_per_step: int) -> int:
   """XLA's temp memory for one train step at this shape: lowered and compiled, never run."""
   train_step, _ = make_train_step(loss_fn, make_optimizer(1e-3, 100), cfg)
-  params = jax.eval_shape(init_params, jax.random.key(0), cfg)  # ShapeDtypeStructs only
+  params = jax.eval_shape(lambda key: init_params(key, cfg), jax.random.key(0))  # shapes only
   opt_state = jax.eval_shape(make_optimizer(1e-3, 100).init, params)
   shape = (tokens_per_step // cfg.seq_len, cfg.seq_len)
   batch = [jax.ShapeDtypeStruct(shape, dtype) for dtype in (jnp.int32, jnp.int32, bool)]
@@ -181,23 +184,19 @@ def train_step_temp_bytes(loss_fn, cfg: Config, tokens_per_step: int) -> int:
   return compiled.memory_analysis().temp_size_in_bytes
 
 
-def measure_memory(cfg: Config, args) -> dict:
-  def row(vocab, tokens):
-    c = cfg._replace(vocab=vocab)
-    return {"vocab": vocab, "tokens": tokens,
-            "fused_temp_bytes": train_step_temp_bytes(lm_loss, c, tokens),
-            "unfused_temp_bytes": train_step_temp_bytes(unfused_lm_loss, c, tokens)}
-
-  sweep = [row(v, args.memory_tokens) for v in args.memory_vocabs]
-  return {"example": row(cfg.vocab, args.batch_size * cfg.seq_len), "vocab_sweep": sweep,
-          "scaled": max(sweep, key=lambda r: r["vocab"])}
+def memory_sweep(cfg: Config, tokens: int, vocabs: list[int]) -> list[dict]:
+  return [{"vocab": v, "tokens": tokens,
+           "fused_temp_bytes": train_step_temp_bytes(lm_loss, cfg._replace(vocab=v), tokens),
+           "unfused_temp_bytes": train_step_temp_bytes(unfused_lm_loss, cfg._replace(vocab=v),
+                                                       tokens)}
+          for v in vocabs]
 
 
 # ------------------------------------------------------------------------------ main
 
 
 def main(argv=None) -> dict:
-  start = time.perf_counter()
+  clock = support.Clock()
   args = support.parse_args(argv, __doc__)
   if args.devices > 1:  # host CPU devices; the same as XLA_FLAGS=--xla_force_host_platform_...
     jax.config.update("jax_num_cpu_devices", args.devices)  # (must come before jax.devices())
@@ -206,16 +205,19 @@ def main(argv=None) -> dict:
                    f"{len(jax.devices())} devices")
   corpus = support.load_corpus(args.corpus_mb)
   tokenizer = support.train_tokenizer(corpus.train, args.vocab_size)
-  data, heldout = (support.make_windows(tokenizer, texts, args.seq_len)
-                   for texts in (corpus.train, corpus.heldout))
+  data = support.make_windows(tokenizer, corpus.train, args.seq_len)
+  heldout = support.evenly_spaced(support.make_windows(tokenizer, corpus.heldout, args.seq_len),
+                                  support.HELDOUT_WINDOWS)
   cfg = Config(args.vocab_size, args.d_model, args.heads, args.layers, args.seq_len)
   order = support.batch_order(len(data.inputs), args.batch_size, args.steps, args.seed)
   print(f"corpus: {corpus.info['train_files']} + {corpus.info['heldout_files']} held-out stdlib "
         f"files, {int(data.mask.sum()):,} + {int(heldout.mask.sum()):,} tokens, vocab "
-        f"{tokenizer.get_vocab_size()} ({time.perf_counter() - start:.1f} s)")
+        f"{tokenizer.get_vocab_size()} ({clock.elapsed():.1f} s)")
+  clock.lap("corpus_and_tokenizer")
 
-  params, losses, curve = train("fused", lm_loss, cfg, args, data, heldout, order, start=start)
-  runs = {"fused": {"losses": losses}}
+  params, run, curve = train("fused", lm_loss, cfg, args, data, heldout, order, clock)
+  clock.lap("train_fused")
+  runs = {"fused": run}
   metrics = {"config": {**{k: str(v) if k == "out" else v for k, v in vars(args).items()},
                         "jax": jax.__version__, "jaxactv": jaxactv.__version__},
              "corpus": corpus.info, "runs": runs,
@@ -228,23 +230,30 @@ def main(argv=None) -> dict:
     out = greedy_decode(params, buf, len(ids), heads=cfg.heads, new_tokens=new)
     text = tokenizer.decode(out[1:len(ids) + new].tolist())
     metrics["samples"].append({"prompt": prompt, "text": text})
-  train_time = time.perf_counter() - start
+  clock.lap("samples")
 
   if args.compare_unfused:
-    _, losses, _ = train("unfused", unfused_lm_loss, cfg, args, data, heldout, order, start=start)
-    runs["unfused"] = {"losses": losses}
-    metrics["memory"] = measure_memory(cfg, args)
+    runs["unfused"] = train("unfused", unfused_lm_loss, cfg, args, data, heldout, order, clock)[1]
+    clock.lap("train_unfused")
+    sweep = memory_sweep(cfg, args.memory_tokens, args.memory_vocabs)
+    example = {"vocab": cfg.vocab, "tokens": args.batch_size * cfg.seq_len,
+               "fused_temp_bytes": runs["fused"]["train_step_temp_bytes"],
+               "unfused_temp_bytes": runs["unfused"]["train_step_temp_bytes"]}
+    metrics["memory"] = {"example": example, "vocab_sweep": sweep,
+                         "scaled": max(sweep, key=lambda r: r["vocab"])}
+    clock.lap("memory_compiles")
   if args.devices > 1:
     shape = (args.data_parallel, args.devices // args.data_parallel)
     mesh = Mesh(np.array(jax.devices()[:args.devices]).reshape(shape), ("data", "vocab"))
-    _, losses, _ = train("fused_sharded", sharded_lm_loss(mesh), cfg, args, data, heldout, order,
-                         mesh=mesh, start=start)
-    runs["fused_sharded"] = {"losses": losses, "mesh": {"data": shape[0], "vocab": shape[1]}}
+    _, run, _ = train("fused_sharded", sharded_lm_loss(mesh), cfg, args, data, heldout, order,
+                      clock, mesh=mesh)
+    clock.lap("train_sharded")
+    runs["fused_sharded"] = {**run, "mesh": {"data": shape[0], "vocab": shape[1]}}
   for run in list(runs.values())[1:]:
     run["max_abs_loss_diff_vs_fused"] = float(np.max(np.abs(
         np.subtract(run["losses"], runs["fused"]["losses"]))))
 
-  timing = {"train_and_sample_s": train_time, "total_s": time.perf_counter() - start}
+  timing = clock.report()
   support.write_reports(args.out, metrics, timing)
   support.print_summary(metrics, timing)
   return metrics

@@ -36,10 +36,10 @@ def example_command(*args: str) -> dict:
 
 def test_tiny_run_fused_unfused_and_sharded_agree(tmp_path):
   out = tmp_path / "tiny_lm"
-  # Memory: compiled only, at a shape where the [tokens, V] logits (2048 x 16384 float32,
-  # 128 MiB) dwarf everything else in the step.
+  # Memory: compiled only, at a shape where the [tokens, V] logits (8192 x 16384 float32,
+  # 512 MiB) dwarf everything else in the step.
   result = subprocess.run(
-      **example_command(*TINY, "--compare-unfused", "--devices", "8", "--memory-tokens", "2048",
+      **example_command(*TINY, "--compare-unfused", "--devices", "8", "--memory-tokens", "8192",
                         "--memory-vocabs", "16384", "--out", str(out)),
       timeout=240, check=False)
   assert result.returncode == 0, result.stderr
@@ -68,10 +68,10 @@ def test_tiny_run_fused_unfused_and_sharded_agree(tmp_path):
     assert sample["text"].startswith(sample["prompt"])
 
   (row,) = metrics["memory"]["vocab_sweep"]
-  assert (row["tokens"], row["vocab"]) == (2048, 16384)
-  logits_bytes = 2048 * 16384 * 4
+  assert (row["tokens"], row["vocab"]) == (8192, 16384)
+  logits_bytes = 8192 * 16384 * 4
   assert row["unfused_temp_bytes"] >= logits_bytes  # it holds the logits at least once
-  assert row["fused_temp_bytes"] < logits_bytes / 2  # the fused step never does
+  assert row["fused_temp_bytes"] < logits_bytes / 4  # the fused step holds blocks of them
   assert metrics["memory"]["example"]["tokens"] == 8 * 32
 
   for name in ("loss_curves.png", "memory_vs_vocab.png"):
