@@ -32,7 +32,7 @@ from jaxactv import _dtypes
 from jaxactv._cross_entropy import check_concrete_labels, check_smoothing_and_z
 from jaxactv._reduction import reduce_losses
 from jaxactv._validation import check_reduction
-from jaxactv._vocab_parallel import VocabShards
+from jaxactv._vocab_parallel import VocabShards, cotangent_like, vary_like
 
 # The chunk rule: a [rows, slice] float32 block of logits takes at most this many
 # bytes; slices are the whole (local) vocabulary unless 128 rows of it would not fit.
@@ -147,8 +147,8 @@ def _chunk_stats(xc, w, bias, yc, cfg, shards, ct):
     z_label = jnp.where(in_block, picked[:, 0], z_label)
     return m_new, s, z_label, dist, (z if single else None)
 
-  zeros = shards.varying(jnp.zeros((rows,), ct))
-  init = (shards.varying(jnp.full((rows,), -jnp.inf, ct)), zeros, zeros, zeros, None)
+  zeros = vary_like(jnp.zeros((rows,), ct), xc, w, bias)
+  init = (vary_like(jnp.full((rows,), -jnp.inf, ct), xc, w, bias), zeros, zeros, zeros, None)
   m, s, z_label, dist, block = _over_slices(w, bias, cfg.slice_width, fold, init)
   if shards.axis is not None:
     m_all = shards.pmax(m)
@@ -221,7 +221,7 @@ def _chunk_grads(xc, w, bias, yc, lse, coef, g, block, cfg, shards, ct, num_clas
       )
     return dx, dw, db
 
-  dx = shards.varying(jnp.zeros(xc.shape, ct))
+  dx = vary_like(jnp.zeros(xc.shape, ct), xc, w, bias)
   dx, dw, db = _over_slices(w, bias, cfg.slice_width, fold, (dx, *acc))
   return dx, (dw, db)
 
@@ -267,15 +267,29 @@ def _scan_chunks(x2, w, bias, labels, counts, cfg, with_grad, g_rows=None, saved
 
   init = None
   if with_grad:
-    # zeros_like keeps the operands' sharding type inside shard_map.
-    init = (jnp.zeros_like(w, ct), None if bias is None else jnp.zeros_like(bias, ct))
+    # zeros_like keeps the operands' sharding; the carries also vary over the tokens' axes.
+    init = (
+        vary_like(jnp.zeros_like(w, ct), x2, w, bias),
+        None if bias is None else vary_like(jnp.zeros_like(bias, ct), x2, w, bias),
+    )
   carry, outs = lax.scan(body, init, tuple(xs))
   flat = [o.reshape((-1, *o.shape[2:])) for o in outs]
   if not with_grad:
     return tuple(flat), None
-  # Every vocabulary shard holds part of each token's dx: at most one psum for all.
-  dx = shards.replicated_cotangent(flat[3])
-  return tuple(flat[:3]), (dx, *carry)
+  # Per-device partials: each vocabulary shard holds part of each token's dx, each token
+  # shard part of dw and db. The callers sum them (``_cotangents``) once scaled.
+  return tuple(flat[:3]), (flat[3], *carry)
+
+
+def _cotangents(partials, x2, w, bias, cfg):
+  """``(dx, dw, db)`` from per-device partials, summed over the axes each input is
+  replicated over (one psum each; none outside shard_map or with check_vma=False),
+  in the inputs' dtypes."""
+  dx, dw, db = partials
+  dx = cotangent_like(dx, x2).astype(cfg.x_dtype)
+  dw = cotangent_like(dw, w).astype(cfg.w_dtype)
+  db = None if db is None else cotangent_like(db, bias).astype(cfg.b_dtype)
+  return dx, dw, db
 
 
 # --------------------------------------------------------------- the two custom_vjps
@@ -289,15 +303,18 @@ def _summed(x2, w, bias, labels, counts, cfg):
 
 def _summed_fwd(x2, w, bias, labels, counts, cfg):
   (loss, _, _), grads = _scan_chunks(x2, w, bias, labels, counts, cfg, with_grad=True)
-  # Residuals: dx, dw, db, the size of the inputs (not of the logits).
-  return jnp.sum(loss), grads
+  # Residuals: the partial dx, dw, db, the size of the inputs (not of the logits), and
+  # the inputs themselves (no copies) for their types.
+  return jnp.sum(loss), (grads, x2, w, bias)
 
 
-def _summed_bwd(cfg, grads, g):
-  dx, dw, db = grads
+def _summed_bwd(cfg, res, g):
+  (dx, dw, db), x2, w, bias = res
   g = VocabShards(cfg.vocab_axis, dw.shape[1], sharded=dw).full_cotangent(g.astype(dx.dtype))
-  db = None if db is None else (g * db).astype(cfg.b_dtype)
-  return (g * dx).astype(cfg.x_dtype), (g * dw).astype(cfg.w_dtype), db, None, None
+  # Scale before summing over devices: on a (data, vocab) mesh each token shard has a
+  # cotangent of its own.
+  scaled = (g * dx, g * dw, None if db is None else g * db)
+  return (*_cotangents(scaled, x2, w, bias, cfg), None, None)
 
 
 _summed.defvjp(_summed_fwd, _summed_bwd)
@@ -316,11 +333,10 @@ def _per_token_fwd(x2, w, bias, labels, counts, cfg):
 
 def _per_token_bwd(cfg, res, g):
   x2, w, bias, labels, counts, lse, coef = res
-  _, (dx, dw, db) = _scan_chunks(
+  _, partials = _scan_chunks(
       x2, w, bias, labels, counts, cfg, with_grad=True, g_rows=g, saved=(lse, coef)
   )
-  db = None if db is None else db.astype(cfg.b_dtype)
-  return dx.astype(cfg.x_dtype), dw.astype(cfg.w_dtype), db, None, None
+  return (*_cotangents(partials, x2, w, bias, cfg), None, None)
 
 
 _per_token.defvjp(_per_token_fwd, _per_token_bwd)

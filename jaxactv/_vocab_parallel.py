@@ -33,6 +33,33 @@ def _varying_axes(a: jax.Array) -> frozenset:
   return frozenset(vma)
 
 
+def vary_like(x: jax.Array, *operands: jax.Array | None) -> jax.Array:
+  """``x`` typed as varying over every mesh axis any of ``operands`` varies over.
+
+  A loop carry that starts as a constant (zeros, ``-inf``) but accumulates values
+  built from the operands must have the type of those values from the first step:
+  under ``check_vma=True`` on a ``(data, vocab)`` mesh, a ``dw`` accumulator varies
+  over ``vocab`` (from ``w``) and over ``data`` (from the tokens). A no-op outside
+  ``shard_map`` and under ``check_vma=False``, where nothing is typed as varying.
+  """
+  axes = frozenset().union(*(_varying_axes(o) for o in operands if o is not None))
+  missing = tuple(sorted(axes - _varying_axes(x)))
+  return lax.pcast(x, missing, to="varying") if missing else x
+
+
+def cotangent_like(ct: jax.Array, primal: jax.Array) -> jax.Array:
+  """The cotangent of ``primal`` from per-device partial sums ``ct``.
+
+  Under ``check_vma=True`` an input that is replicated over a mesh axis (``w`` over
+  ``data``, ``x`` over ``vocab``) must receive a cotangent replicated over it: the
+  per-device partials are summed over exactly the axes ``ct`` varies over and
+  ``primal`` does not. Under ``check_vma=False`` nothing is typed as varying and
+  ``shard_map`` sums the cotangents of replicated inputs itself: a no-op.
+  """
+  extra = tuple(sorted(_varying_axes(ct) - _varying_axes(primal)))
+  return lax.psum(ct, extra) if extra else ct
+
+
 class VocabShards:
   """Collectives over ``axis`` (or no-ops when ``axis`` is None) for a class slice.
 
@@ -80,23 +107,11 @@ class VocabShards:
       return flags
     return lax.pmax(flags.astype(jnp.int32), self.axis) > 0
 
-  def varying(self, x: jax.Array) -> jax.Array:
-    """``x`` typed as varying over the axis (a loop carry that will hold per-shard values)."""
-    if self.axis is None or not self.checked or self.axis in _varying_axes(x):
-      return x
-    return lax.pcast(x, (self.axis,), to="varying")
-
   def full_cotangent(self, g: jax.Array) -> jax.Array:
     """The whole cotangent of a replicated output, in either ``check_vma`` mode."""
     if self.axis is None or self.checked:
       return g
     return lax.psum(g, self.axis)
-
-  def replicated_cotangent(self, partial: jax.Array) -> jax.Array:
-    """The cotangent for a replicated input whose shards each hold a partial sum."""
-    if self.axis is None or not self.checked:
-      return partial
-    return lax.psum(partial, self.axis)
 
   def local_index(self, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Each global class id as an index into this shard's slice, and whether it is here."""
