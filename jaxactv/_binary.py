@@ -20,6 +20,7 @@ from jax.typing import ArrayLike
 from jaxactv import _dtypes
 from jaxactv._arith import as_one_buffer, times_allowing_inf
 from jaxactv._reduction import reduce_losses
+from jaxactv._sharding import like_logits
 from jaxactv._sigmoid import stable_log_sigmoid, stable_sigmoid
 from jaxactv._validation import (
     as_logits,
@@ -57,7 +58,7 @@ def _prepare_labels(logits, labels, name="labels"):
     )
   if not jnp.issubdtype(labels.dtype, jnp.floating):
     labels = labels.astype(_dtypes.loss_dtype(logits.dtype))
-  return labels
+  return like_logits(labels, logits)
 
 
 def _broadcastable(value, logits, name):
@@ -72,7 +73,7 @@ def _broadcastable(value, logits, name):
     raise ValueError(
         f"{name} of shape {value.shape} does not broadcast to logits of shape {logits.shape}."
     )
-  return value
+  return like_logits(value, logits)
 
 
 # -------------------------------------------------------------- binary cross-entropy
@@ -185,7 +186,7 @@ def sigmoid_binary_cross_entropy(
   logits = as_logits(logits)
   labels = _prepare_labels(logits, labels)
   pos_weight = _broadcastable(pos_weight, logits, "pos_weight")
-  where = as_mask(where, logits.shape)
+  where = like_logits(as_mask(where, logits.shape), logits)
   losses = _bce(logits, labels, pos_weight, where, _BceConfig(float(label_smoothing)))
   weights = None if where is None else jnp.broadcast_to(where, logits.shape).astype(losses.dtype)
   return reduce_losses(losses, reduction, weights)
@@ -312,7 +313,7 @@ def sigmoid_focal_loss(
   labels = _prepare_labels(logits, labels)
   alpha = _broadcastable(alpha, logits, "alpha")
   gamma = _broadcastable(gamma, logits, "gamma")
-  where = as_mask(where, logits.shape)
+  where = like_logits(as_mask(where, logits.shape), logits)
   losses = _focal(logits, labels, alpha, gamma, where)
   weights = None if where is None else jnp.broadcast_to(where, logits.shape).astype(losses.dtype)
   return reduce_losses(losses, reduction, weights)

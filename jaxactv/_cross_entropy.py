@@ -33,6 +33,7 @@ from jaxactv._arith import as_one_buffer, times_allowing_inf
 from jaxactv._backend import reuse_forward_exponentials
 from jaxactv._layout import to_class_layout
 from jaxactv._reduction import reduce_losses
+from jaxactv._sharding import class_axis_is_split, like_logits, take, whole
 from jaxactv._softmax import mask_logits
 from jaxactv._validation import Axis, as_logits, check_reduction, check_static_coefficient
 from jaxactv._vocab_parallel import VocabShards
@@ -84,14 +85,14 @@ def _int_fwd(logits, labels, class_mask, class_weights, counts, cfg):
   row_max = shards.pmax(jnp.max(x, -1, keepdims=True, initial=-jnp.inf))
   offset = finite_offset(row_max)
   local_idx, here = shards.local_index(labels)
-  x_label = jnp.take_along_axis(x, local_idx[..., None], -1)[..., 0]
+  x_label = pick_class(x, local_idx)
   parts = {
       "sum_exp": jnp.sum(jnp.exp(x - offset), -1),
       "x_label": jnp.where(here, x_label, 0.0),
   }
   if class_weights is not None:
     w = class_weights.astype(ct)
-    parts["w_label"] = jnp.where(here, w[local_idx], 0.0)
+    parts["w_label"] = jnp.where(here, take(w, local_idx), 0.0)
   if eps > 0:
     w_row = jnp.ones((), ct) if class_weights is None else w
     d = distance_below_max(x, offset)
@@ -155,14 +156,29 @@ def _int_bwd(cfg, res, g):
   # The label's own term touches one logit per example: a scatter of N numbers into
   # the gradient, not a logits-sized one-hot comparison.
   local_idx, here = shards.local_index(labels)
-  w_label = 1.0 if w is None else w[local_idx]
+  w_label = 1.0 if w is None else take(w, local_idx)
   at_label = jnp.where(here, g * (1.0 - cfg.label_smoothing) * w_label, 0.0)
   dx = _subtract_at(dx, local_idx, at_label)
   return dx.astype(logits.dtype), None, None, None, None
 
 
+def pick_class(x: jax.Array, index: jax.Array) -> jax.Array:
+  """``x[..., index]``: one class per example, ``index`` already in range."""
+  if class_axis_is_split(x):
+    # Classes split over devices (an Explicit mesh): a compare fused into the sweep
+    # and an all-reduce of one number per example, not a gather across devices.
+    return jnp.sum(jnp.where(_is_index(x, index), x, 0.0), -1)
+  return jnp.take_along_axis(x, index[..., None], -1)[..., 0]
+
+
+def _is_index(x: jax.Array, index: jax.Array) -> jax.Array:
+  return jax.lax.broadcasted_iota(index.dtype, x.shape, x.ndim - 1) == index[..., None]
+
+
 def _subtract_at(dx: jax.Array, index: jax.Array, values: jax.Array) -> jax.Array:
   """``dx[..., index] -= values`` for one class index per example."""
+  if class_axis_is_split(dx):
+    return dx - jnp.where(_is_index(dx, index), values[..., None], 0.0)
   flat = dx.reshape(-1, dx.shape[-1])
   rows = jnp.arange(flat.shape[0])
   flat = flat.at[rows, index.reshape(-1)].add(-values.reshape(-1), mode="promise_in_bounds")
@@ -288,6 +304,10 @@ def softmax_cross_entropy_with_integer_labels(
   if shards_classes is not None:
     check_concrete_labels(labels_in, shards_classes, ignore_index)
 
+  labels = like_logits(labels, layout.logits, tuple(range(labels.ndim)))
+  if class_weights is not None:
+    # One weight per class, gathered by label: kept whole on every device (it is small).
+    class_weights = whole(class_weights)
   counts = layout.counted(VocabShards(vocab_axis, layout.logits.shape[-1]).any_shard)
   if ignore_index is not None:
     counts &= labels != ignore_index
@@ -300,7 +320,7 @@ def softmax_cross_entropy_with_integer_labels(
     if class_weights is not None:
       shards = VocabShards(vocab_axis, layout.logits.shape[-1])
       local_idx, here = shards.local_index(labels)
-      w_label = jnp.where(here, class_weights.astype(ct)[local_idx], 0.0)
+      w_label = jnp.where(here, take(class_weights.astype(ct), local_idx), 0.0)
       weights = weights * shards.psum((w_label,))[0]
   return reduce_losses(losses, reduction, weights)
 
@@ -433,8 +453,8 @@ def softmax_cross_entropy(
   if not jnp.issubdtype(labels.dtype, jnp.floating):
     labels = labels.astype(_dtypes.loss_dtype(logits.dtype))
   layout = to_class_layout(logits, axis, where)
+  labels_last = like_logits(to_class_layout(labels, axis, None).logits, layout.logits)
   counts = layout.counted()
-  labels_last = to_class_layout(labels, axis, None).logits
   cfg = _SoftConfig(float(label_smoothing), float(z_loss))
   losses = _soft_ce(layout.logits, labels_last, layout.class_mask, counts, cfg)
   return reduce_losses(losses, reduction, counts.astype(losses.dtype))

@@ -25,6 +25,7 @@ from jaxactv import _dtypes
 from jaxactv._arith import times_allowing_inf
 from jaxactv._layout import to_class_layout
 from jaxactv._reduction import reduce_losses
+from jaxactv._sharding import like_logits
 from jaxactv._softmax import mask_logits, normalize
 from jaxactv._validation import Axis, as_logits, check_reduction
 
@@ -149,7 +150,7 @@ def kl_divergence_from_logits(
     )
   layout = to_class_layout(logits, axis, where)
   counts = layout.counted()
-  targets = to_class_layout(target_logits, axis, None).logits
+  targets = like_logits(to_class_layout(target_logits, axis, None).logits, layout.logits)
   kl = _kl(layout.logits, targets, layout.class_mask, counts)
   return reduce_losses(kl, reduction, counts.astype(kl.dtype))
 

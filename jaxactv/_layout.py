@@ -19,6 +19,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jaxactv._sharding import like_logits
 from jaxactv._validation import Axis, as_bool, broadcasts_to, canonical_axes
 
 
@@ -74,4 +75,8 @@ def to_class_layout(logits: jax.Array, axis: Axis, where: jax.Array | None) -> C
           f"where of shape {where.shape} matches neither the logits {logits.shape} (a mask "
           f"per logit) nor the batch shape {batch_shape} (a mask per example)."
       )
-  return ClassLayout(classes_last(logits, axes), class_mask, example_mask, batch_shape, num_classes)
+  logits = classes_last(logits, axes)
+  # On an Explicit mesh the masks are laid out like the logits (see _sharding.py).
+  class_mask = like_logits(class_mask, logits)
+  example_mask = like_logits(example_mask, logits, tuple(range(len(batch_shape))))
+  return ClassLayout(logits, class_mask, example_mask, batch_shape, num_classes)

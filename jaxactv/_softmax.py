@@ -31,6 +31,7 @@ from jax import lax
 from jax.typing import ArrayLike
 
 from jaxactv import _dtypes
+from jaxactv._sharding import like_logits
 from jaxactv._validation import Axis, as_activation_input, as_mask, canonical_axes
 
 
@@ -105,7 +106,7 @@ def normalize(x: jax.Array, axes: tuple[int, ...]) -> Normalized:
 def _prepare(x, axis, where):
   x = as_activation_input(x)
   axes = canonical_axes(axis, x.ndim)
-  return x, axes, as_mask(where, x.shape)
+  return x, axes, like_logits(as_mask(where, x.shape), x)
 
 
 # ----------------------------------------------------------------------------- softmax

@@ -60,6 +60,26 @@ def cotangent_like(ct: jax.Array, primal: jax.Array) -> jax.Array:
   return lax.psum(ct, extra) if extra else ct
 
 
+def _unknown_axis_message(axis) -> str:
+  mesh = jax.sharding.get_abstract_mesh()
+  manual = tuple(
+      n for n, t in zip(mesh.axis_names, mesh.axis_types, strict=True)
+      if t == jax.sharding.AxisType.Manual
+  )
+  if manual:
+    return (
+        f"vocab_axis={axis!r} is not an axis of the enclosing jax.shard_map, whose mesh axes "
+        f"are {manual}: name the axis the class dimension is split over."
+    )
+  return (
+      f"vocab_axis={axis!r} names a mesh axis, but this loss runs outside jax.shard_map: "
+      "call it inside jax.shard_map over a mesh with that axis, with the class dimension of "
+      f"its operands sharded over it, e.g. jax.shard_map(f, mesh=mesh, in_specs=(P(None, "
+      f"{axis!r}), P()), out_specs=P()). Outside shard_map leave vocab_axis=None: plain jit "
+      "with NamedSharding inputs needs no flag."
+  )
+
+
 class VocabShards:
   """Collectives over ``axis`` (or no-ops when ``axis`` is None) for a class slice.
 
@@ -79,13 +99,7 @@ class VocabShards:
         self.num_shards = lax.axis_size(axis)
         self.offset = lax.axis_index(axis) * local_classes
       except NameError as e:
-        raise ValueError(
-            f"vocab_axis={axis!r} names a mesh axis, so this loss must run inside "
-            "jax.shard_map over a mesh with that axis, with the class dimension of its "
-            f"operands sharded over it, e.g. jax.shard_map(f, mesh=mesh, in_specs=(P(None, "
-            f"{axis!r}), P()), out_specs=P()). Outside shard_map, leave vocab_axis=None "
-            "(plain jit with NamedSharding inputs needs no flag)."
-        ) from e
+        raise ValueError(_unknown_axis_message(axis)) from e
 
   @property
   def num_classes(self) -> int:
