@@ -185,9 +185,20 @@ def _close(got, want, what):
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * scale, err_msg=what)
 
 
-@pytest.mark.parametrize("mesh_name", list(MESHES))
-@pytest.mark.parametrize("axis_type", ["auto", "explicit", "explicit_set_mesh"])
-@pytest.mark.parametrize("replicated", [False, True], ids=["aux_sharded", "aux_replicated"])
+# (mesh, axis types, aux arrays replicated): each row compiles every op once.
+SETUPS = [
+    ("data_x_vocab", "explicit", False),
+    ("data_x_vocab", "explicit", True),
+    ("data_fsdp_x_vocab", "explicit", False),
+    ("data_fsdp_x_vocab", "explicit_set_mesh", True),
+    ("data_x_vocab", "auto", False),
+    ("data_fsdp_x_vocab", "auto", True),
+]
+
+
+@pytest.mark.parametrize(
+    "mesh_name, axis_type, replicated", SETUPS,
+    ids=[f"{m}-{t}-{'aux_replicated' if r else 'aux_sharded'}" for m, t, r in SETUPS])
 def test_plain_jit_on_sharded_inputs_equals_unsharded(
     arrays, expected, mesh_name, axis_type, replicated
 ):
