@@ -14,9 +14,11 @@ from jaxactv._cross_entropy import (
 )
 from jaxactv._divergence import entropy_from_logits as entropy_from_logits
 from jaxactv._divergence import kl_divergence_from_logits as kl_divergence_from_logits
+from jaxactv._linear_cross_entropy import LinearCrossEntropyAux as LinearCrossEntropyAux
 from jaxactv._linear_cross_entropy import (
     linear_softmax_cross_entropy as linear_softmax_cross_entropy,
 )
+from jaxactv._linear_log_probs import linear_log_probs as linear_log_probs
 from jaxactv._sigmoid import log_sigmoid as log_sigmoid
 from jaxactv._sigmoid import sigmoid as sigmoid
 from jaxactv._softmax import log_softmax as log_softmax
@@ -26,9 +28,11 @@ from jaxactv._softmax import softmax as softmax
 __version__ = "0.1.0"
 
 __all__ = [
+    "LinearCrossEntropyAux",
     "__version__",
     "entropy_from_logits",
     "kl_divergence_from_logits",
+    "linear_log_probs",
     "linear_softmax_cross_entropy",
     "log_sigmoid",
     "log_softmax",

@@ -28,6 +28,7 @@ from jaxactv._validation import Axis, canonical_axes, check_reduction
 __all__ = [
     "entropy_from_logits",
     "kl_divergence_from_logits",
+    "linear_log_probs",
     "linear_softmax_cross_entropy",
     "log_sigmoid",
     "log_softmax",
@@ -235,15 +236,8 @@ def entropy_from_logits(logits, axis=-1, where=None, *, reduction="none"):
   return _reduce(jnp.where(counts, h, 0.0), reduction, counts)
 
 
-def linear_softmax_cross_entropy(
-    x, w, labels, *, bias=None, ignore_index=None, label_smoothing=0.0, z_loss=0.0,
-    logit_softcap=None, reduction="mean", chunk_size=None, vocab_axis=None,
-):
-  """``x @ w + bias`` (soft-capped), then integer-label cross-entropy: the unfused version.
-
-  ``chunk_size`` is accepted and ignored: the twin forms all the logits at once.
-  """
-  del chunk_size
+def _linear_logits(x, w, bias, temperature, logit_softcap, vocab_axis):
+  """``cap((x @ w + bias) / T)`` in full, in float32 (float64 for float64 inputs)."""
   x, w = jnp.asarray(x), jnp.asarray(w)
   ct = jnp.promote_types(jnp.promote_types(x.dtype, w.dtype), jnp.float32)
   if vocab_axis is not None:  # gather the vocabulary: obviously right, never fast
@@ -253,9 +247,75 @@ def linear_softmax_cross_entropy(
   logits = jnp.einsum("...d,dv->...v", x, w, preferred_element_type=ct)
   if bias is not None:
     logits = logits + jnp.asarray(bias).astype(ct)
+  logits = logits / temperature
   if logit_softcap is not None:
     logits = logit_softcap * jnp.tanh(logits / logit_softcap)
-  return softmax_cross_entropy_with_integer_labels(
-      logits, labels, ignore_index=ignore_index, label_smoothing=label_smoothing,
-      z_loss=z_loss, reduction=reduction,
-  )
+  return logits
+
+
+def linear_softmax_cross_entropy(
+    x, w, labels, *, bias=None, where=None, weights=None, class_weights=None,
+    ignore_index=None, label_smoothing=0.0, z_loss=0.0, logit_softcap=None, temperature=1.0,
+    reduction="mean", return_aux=False, chunk_size=None, vocab_axis=None,
+):
+  """``cap((x @ w + bias) / T)``, then the integer-label cross-entropy: the unfused version.
+
+  Token ``weights`` multiply each loss; the mean divides by the summed
+  ``weights * class_weights[label]`` of the counted tokens. ``chunk_size`` is
+  accepted and ignored: the twin forms all the logits at once.
+  """
+  del chunk_size
+  logits = _linear_logits(x, w, bias, temperature, logit_softcap, vocab_axis)
+  labels = jnp.asarray(labels)
+  k = logits.shape[-1]
+  if class_weights is None:
+    cw = jnp.ones((k,), logits.dtype)
+  else:
+    cw = jnp.asarray(class_weights).astype(logits.dtype)
+    if vocab_axis is not None:
+      cw = lax.all_gather(cw, vocab_axis, tiled=True)
+  logp = log_softmax(logits)
+  safe = jnp.clip(labels, 0, k - 1)
+  w_y = cw[safe]
+  loss = -(1 - label_smoothing) * w_y * jnp.take_along_axis(logp, safe[..., None], -1)[..., 0]
+  loss = loss - (label_smoothing / k) * jnp.sum(cw * logp, -1)
+  lse = logsumexp(logits)
+  z_term = z_loss * lse**2
+  counts = jnp.ones(labels.shape, bool)
+  if where is not None:
+    counts = counts & jnp.asarray(where)
+  if ignore_index is not None:
+    counts = counts & (labels != ignore_index)
+  u = jnp.ones((), logits.dtype) if weights is None else jnp.asarray(weights, logits.dtype)
+  in_range = (labels >= 0) & (labels < k)
+  loss = jnp.where(counts, jnp.where(in_range, u * (loss + z_term), jnp.nan), 0.0)
+  denom = jnp.where(counts, u * w_y, 0.0)
+  out = _reduce(loss, reduction, denom)
+  if not return_aux:
+    return out
+  from jaxactv._linear_cross_entropy import LinearCrossEntropyAux
+
+  z_term = _reduce(jnp.where(counts, u * z_term, 0.0), reduction, denom)
+  aux = LinearCrossEntropyAux(lse, jnp.argmax(logits, -1).astype(jnp.int32), z_term)
+  return out, lax.stop_gradient(aux)
+
+
+def linear_log_probs(
+    x, w, tokens, *, bias=None, temperature=1.0, logit_softcap=None, where=None,
+    return_entropy=False, chunk_size=None, vocab_axis=None,
+):
+  """``log_softmax(cap((x @ w + bias) / T))[token]`` (and the entropy), unfused."""
+  del chunk_size
+  logits = _linear_logits(x, w, bias, temperature, logit_softcap, vocab_axis)
+  tokens = jnp.asarray(tokens)
+  k = logits.shape[-1]
+  logp = log_softmax(logits)
+  safe = jnp.clip(tokens, 0, k - 1)
+  out = jnp.take_along_axis(logp, safe[..., None], -1)[..., 0]
+  ent = -jnp.sum(jnp.exp(logp) * logp, -1)
+  keep = jnp.ones(tokens.shape, bool) if where is None else jnp.asarray(where)
+  bad = (tokens < 0) | (tokens >= k)
+  fix = lambda a: jnp.where(keep, jnp.where(bad, jnp.nan, a), 0.0)
+  if return_entropy:
+    return fix(out), fix(ent)
+  return fix(out)
