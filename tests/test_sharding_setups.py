@@ -284,3 +284,92 @@ def test_vocab_axis_outside_shard_map_says_so():
   with pytest.raises(ValueError, match=r"vocab_axis='vocab'.*outside jax.shard_map"):
     jaxactv.softmax_cross_entropy_with_integer_labels(
         np.zeros((2, 3), np.float32), np.zeros(2, np.int32), vocab_axis="vocab")
+
+
+# ------------------------------------------- shard_map, tokens split, every public op
+
+# Per-example outputs (reduction "none"), so shard_map can hand each token shard's
+# losses back as they are; replicated parameters (class weights, pos_weight, alpha,
+# gamma) are differentiated too: their cotangent is the sum over every token shard.
+PER_EXAMPLE = {
+    **{k: CASES[k] for k in ("sigmoid", "log_sigmoid", "softmax", "log_softmax", "logsumexp",
+                             "int_ce_class_mask", "soft_ce", "entropy")},
+    "kl": Case(
+        lambda logits, target, row_mask: jaxactv.kl_divergence_from_logits(
+            logits, target, where=row_mask),
+        lambda logits, target, row_mask: reference.kl_divergence_from_logits(
+            logits, target, where=row_mask),
+        {"logits": "logits", "target": "full", "row_mask": "batch"}, ("logits", "target")),
+    "int_ce": Case(
+        lambda logits, labels, row_mask, class_weights:
+            jaxactv.softmax_cross_entropy_with_integer_labels(
+                logits, labels, where=row_mask, class_weights=class_weights, ignore_index=-100,
+                label_smoothing=0.1, z_loss=1e-3),
+        lambda logits, labels, row_mask, class_weights:
+            reference.softmax_cross_entropy_with_integer_labels(
+                logits, labels, where=row_mask, class_weights=class_weights, ignore_index=-100,
+                label_smoothing=0.1, z_loss=1e-3),
+        {"logits": "logits", "labels": "batch", "row_mask": "batch", "class_weights": "class"},
+        ("logits", "class_weights")),
+    "bce": Case(
+        lambda logits, binary, mask, pos_weight: jaxactv.sigmoid_binary_cross_entropy(
+            logits, binary, where=mask, pos_weight=pos_weight),
+        lambda logits, binary, mask, pos_weight: reference.sigmoid_binary_cross_entropy(
+            logits, binary, where=mask, pos_weight=pos_weight),
+        {"logits": "logits", "binary": "full", "mask": "full", "pos_weight": "class"},
+        ("logits", "binary", "pos_weight")),
+    "focal": Case(
+        lambda logits, binary, alpha, gamma: jaxactv.sigmoid_focal_loss(
+            logits, binary, alpha=alpha, gamma=gamma),
+        lambda logits, binary, alpha, gamma: reference.sigmoid_focal_loss(
+            logits, binary, alpha=alpha, gamma=gamma),
+        {"logits": "logits", "binary": "full", "alpha": "class", "gamma": "class"},
+        ("logits", "alpha", "gamma")),
+}
+
+TOKEN_MESHES = {
+    "data": ((2,), ("data",), "data"),
+    "data_x_model": ((2, 4), ("data", "model"), "data"),
+    "data_fsdp_x_model": ((2, 2, 2), ("data", "fsdp", "model"), ("data", "fsdp")),
+}
+
+
+@pytest.fixture(scope="module")
+def per_example_expected(arrays):
+  arrays = dict(arrays, alpha=np.float32(0.25), gamma=np.float32(1.5))
+  out = {}
+  for name, case in PER_EXAMPLE.items():
+    names = tuple(case.arrays)
+    (_, v), g = scalar_and_grads(case.twin, names, case.diff)(*(arrays[n] for n in names))
+    out[name] = (np.asarray(v), [np.asarray(x) for x in g])
+  return arrays, out
+
+
+@pytest.mark.parametrize("check_vma", [True, False], ids=["vma", "no_vma"])
+@pytest.mark.parametrize("mesh_name", list(TOKEN_MESHES))
+def test_every_op_under_shard_map_with_tokens_split(per_example_expected, mesh_name, check_vma):
+  arrays, expected = per_example_expected
+  shape, axis_names, tokens = TOKEN_MESHES[mesh_name]
+  mesh = jax.make_mesh(shape, axis_names, axis_types=(AxisType.Explicit,) * len(shape))
+  failures = []
+  for name, case in PER_EXAMPLE.items():
+    names = tuple(case.arrays)
+    in_specs = tuple(P(tokens) if r != "class" else P() for r in case.arrays.values())
+
+    def local(*a, case=case, names=names):
+      return case.ours(**dict(zip(names, a, strict=True)))
+
+    f = jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=P(tokens),
+                      check_vma=check_vma)
+    args = [jax.device_put(arrays[n], NamedSharding(mesh, s))
+            for n, s in zip(names, in_specs, strict=True)]
+    try:
+      (_, values), grads = scalar_and_grads(
+          lambda f=f, names=names, **a: f(*(a[n] for n in names)), names, case.diff)(*args)
+      want_v, want_g = expected[name]
+      _close(values, want_v, f"{name} value")
+      for d, g, w in zip(case.diff, grads, want_g, strict=True):
+        _close(g, w, f"{name} d/d{d}")
+    except Exception as e:
+      failures.append(f"{name}: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
+  assert not failures, "\n".join(failures)
