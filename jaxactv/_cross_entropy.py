@@ -30,12 +30,18 @@ from jax.experimental import checkify
 from jax.typing import ArrayLike
 
 from jaxactv import _dtypes
-from jaxactv._arith import as_one_buffer, times_allowing_inf
+from jaxactv._arith import as_one_buffer, sum_to_shape, times_allowing_inf
 from jaxactv._backend import reuse_forward_exponentials
-from jaxactv._layout import to_class_layout
+from jaxactv._layout import broadcast_classes_last, to_class_layout
 from jaxactv._reduction import reduce_losses
 from jaxactv._softmax import mask_logits
-from jaxactv._validation import Axis, as_logits, check_reduction, check_static_coefficient
+from jaxactv._validation import (
+    Axis,
+    as_logits,
+    broadcasts_to,
+    check_reduction,
+    check_static_coefficient,
+)
 from jaxactv._vocab_parallel import VocabShards
 
 
@@ -403,7 +409,12 @@ def _targets(labels, class_mask, eps, ct):
     t = jnp.where(class_mask, t, 0.0)
   if eps > 0:
     valid = 1.0 if class_mask is None else class_mask.astype(ct)
-    n_valid = t.shape[-1] if class_mask is None else jnp.sum(valid, -1, keepdims=True)
+    # A row with every class masked has n_valid = 0 and does not count; 1 keeps the
+    # division by zero out of the graph.
+    n_valid = (
+        t.shape[-1] if class_mask is None
+        else jnp.maximum(jnp.sum(valid, -1, keepdims=True), 1.0)
+    )
     t = (1.0 - eps) * t + (eps / n_valid) * valid
   return t
 
@@ -416,7 +427,7 @@ def _soft_fwd(logits, labels, class_mask, counts, cfg):
   row_max = jnp.max(x, -1, keepdims=True, initial=-jnp.inf)
   offset = finite_offset(row_max)
   sum_exp = jnp.sum(jnp.exp(x - offset), -1, keepdims=True)
-  log_sum = jnp.log(sum_exp)
+  log_sum = safe_log_sum(sum_exp)
   # sum_j t_j (lse - x_j), each term as t_j ((max - x_j) + log_sum): non-negative, small
   # numbers (no rounding at the scale of max), and 0 * inf = 0.
   loss = jnp.sum(times_allowing_inf(t, distance_below_max(x, offset) + log_sum), -1)
@@ -426,6 +437,8 @@ def _soft_fwd(logits, labels, class_mask, counts, cfg):
   if z > 0:
     loss = loss + z * jnp.square(lse)
     coef = coef + 2.0 * z * lse
+  # A row with no finite logit has softmax 0: its coefficient is moot (0, not -inf).
+  coef = jnp.where(sum_exp == 0, 0.0, coef)
   # as_one_buffer (a select on one number per example) keeps XLA from merging these
   # row sums into a caller's sum over the batch, which XLA:CPU does by writing out
   # logits-sized broadcasts of the per-row numbers (5x slower).
@@ -443,11 +456,13 @@ def _soft_bwd(cfg, res, g):
   t = _targets(labels, class_mask, eps, ct)
   dlogits = scaled_probs(x, offset, sum_exp, g * coef[..., None], logits.dtype) - g * t
   # d loss / d label_j = (1 - eps) * (lse - x_j): +inf at a -inf logit, 0 where masked.
-  dlabels = (1.0 - eps) * g * (jnp.log(sum_exp) + distance_below_max(x, offset))
+  nll = safe_log_sum(sum_exp) + distance_below_max(x, offset)
+  dlabels = times_allowing_inf((1.0 - eps) * g, nll)
   # Select, not multiply: a masked example full of NaN must get gradient 0.
   keep = counts[..., None] if class_mask is None else counts[..., None] & class_mask
   dlogits = jnp.where(counts[..., None], dlogits, 0.0)
-  dlabels = jnp.where(keep, dlabels, 0.0)
+  # Labels that broadcast to the logits get their cotangent summed back to their shape.
+  dlabels = sum_to_shape(jnp.where(keep, dlabels, 0.0), labels.shape)
   return dlogits.astype(logits.dtype), dlabels.astype(labels.dtype), None, None
 
 
@@ -492,7 +507,9 @@ def softmax_cross_entropy(
 
   Args:
     logits: ``[..., num_classes]`` floating logits.
-    labels: target probabilities (or one-hot rows) of ``logits``' shape.
+    labels: target probabilities (or one-hot rows), of ``logits``' shape or any shape
+      that broadcasts to it (``[num_classes]``: one target for every example), as
+      in optax; their gradient comes back in their own shape.
     axis: the class axis, or a tuple of axes.
     where: optional boolean mask per logit (``logits``' rank) or per example.
     label_smoothing: :math:`\varepsilon \in [0, 1]`.
@@ -507,17 +524,19 @@ def softmax_cross_entropy(
   check_smoothing_and_z(label_smoothing, z_loss)
   logits = as_logits(logits)
   labels = jnp.asarray(labels)
-  if labels.shape != logits.shape:
+  if not broadcasts_to(labels.shape, logits.shape):
     raise ValueError(
-        f"labels of shape {labels.shape} do not match logits of shape {logits.shape}: "
-        "softmax_cross_entropy takes one target probability per logit. For class ids "
-        "use softmax_cross_entropy_with_integer_labels."
+        f"labels of shape {labels.shape} do not broadcast to logits of shape "
+        f"{logits.shape}: softmax_cross_entropy takes one target probability per logit "
+        "(a shape like (num_classes,) is shared by every example). For class ids use "
+        "softmax_cross_entropy_with_integer_labels."
     )
   if not jnp.issubdtype(labels.dtype, jnp.floating):
     labels = labels.astype(_dtypes.loss_dtype(logits.dtype))
   layout = to_class_layout(logits, axis, where)
   counts = layout.counted()
-  labels_last = to_class_layout(labels, axis, None).logits
+  # Broadcast on the class axes only: labels shared by the batch stay that small.
+  labels_last = broadcast_classes_last(labels, logits.shape, layout.axes)
   cfg = _SoftConfig(float(label_smoothing), float(z_loss))
   losses = _soft_ce(layout.logits, labels_last, layout.class_mask, counts, cfg)
   return reduce_losses(losses, reduction, counts.astype(losses.dtype))
