@@ -246,19 +246,28 @@ def _focal_bwd(res, g):
   # sigmoid(x) - y as (1 - y) sigmoid(x) - y sigmoid(-x): no cancellation when it is tiny.
   residual = (1.0 - y) * jnp.exp(log_p) - y * jnp.exp(log_q)
   dx = mul(g * alpha_t, mul(dweight, ce) + weight * residual)
-  # d/dy: the weight through log u, the cross-entropy through log p and log q.
+  # d/dy, d/dalpha, d/dgamma. At an infinite logit the loss is 0 or inf and has no
+  # finite derivative in these: they are computed at a finite stand-in for x (so no
+  # inf - inf or 0 * inf is ever formed) and set to 0 there.
+  _, _, log_p, log_q, log_u, ce, _, _ = _focal_terms(
+      jnp.where(finite, x, 0.0), labels, alpha_c, gamma, ct
+  )
+  weight = jnp.exp(gamma_c * log_u)
   du_dy = jnp.exp(log_q) - jnp.exp(log_p)  # d(1 - p_t)/dy = sigmoid(-x) - sigmoid(x)
-  dweight_dy = gamma_c * jnp.exp(mul(gamma_c - 1.0, log_u)) * du_dy
-  dce_dy = log_q - log_p  # = -x, but exact at +-inf
+  # u^(gamma - 1) may overflow for gamma < 1 where u underflows; it multiplies a ce of
+  # exactly 0 there (a hard label the logit agrees with): 0 * inf = 0.
+  dweight_dy = mul(gamma_c, jnp.exp((gamma_c - 1.0) * log_u)) * du_dy
+  dce_dy = log_q - log_p  # = -x
   dalpha_t_dy = 0.0 if alpha is None else 2.0 * alpha_c - 1.0
-  weight_ce = mul(weight, ce)
-  dy_ce = mul(alpha_t, mul(dweight_dy, ce) + mul(weight, dce_dy))
-  dy = mul(g, dy_ce + mul(dalpha_t_dy, weight_ce))
+  weight_ce = weight * ce
+  dy = g * (alpha_t * (mul(dweight_dy, ce) + weight * dce_dy) + dalpha_t_dy * weight_ce)
+  dy = jnp.where(finite, dy, 0.0)
   dalpha = dgamma = None
   if alpha is not None:
-    dalpha = sum_to_shape(_masked(mul(g * (2.0 * y - 1.0), weight_ce), where), jnp.shape(alpha))
+    dalpha_terms = jnp.where(finite, g * (2.0 * y - 1.0) * weight_ce, 0.0)
+    dalpha = sum_to_shape(_masked(dalpha_terms, where), jnp.shape(alpha))
     dalpha = dalpha.astype(jnp.result_type(alpha))
-  dgamma_terms = mul(g * alpha_t, mul(mul(weight, log_u), ce))
+  dgamma_terms = jnp.where(finite, g * alpha_t * weight_ce * log_u, 0.0)
   dgamma = sum_to_shape(_masked(dgamma_terms, where), jnp.shape(gamma))
   dgamma = dgamma.astype(jnp.result_type(gamma))
   dx = _masked(dx, where)
@@ -299,9 +308,10 @@ def sigmoid_focal_loss(
 
   Edge cases: soft labels in ``[0, 1]`` are supported; masked elements give loss
   0 and gradient 0. At infinite logits the loss is 0 or ``inf`` as for BCE and the
-  gradients are their limits under ``0 * inf = 0`` (``d/dx = alpha_t (sigmoid(x) -
-  y)`` where the loss is infinite, 0 where it is 0); no intermediate is NaN, so
-  ``checkify.all_checks`` stays silent.
+  gradient in ``logits`` is its limit under ``0 * inf = 0`` (``alpha_t (sigmoid(x)
+  - y)`` where the loss is infinite, 0 where it is 0); the gradients in ``labels``,
+  ``alpha`` and ``gamma`` are 0 there (the loss has no finite derivative in them).
+  No intermediate is NaN, so ``checkify.all_checks`` stays silent.
 
   Args:
     logits: floating logits of any shape.

@@ -377,6 +377,11 @@ def softmax_cross_entropy_with_integer_labels(
       labels, VocabShards(vocab_axis, layout.logits.shape[-1]).num_classes, ignore_index
   )
 
+  if labels.size == 0:
+    # An empty batch: nothing to gather or scatter (checkify's index checks cannot
+    # take an empty gather). The losses are an empty array, their sum and mean 0.
+    losses = jnp.zeros(labels.shape, _dtypes.loss_dtype(logits.dtype))
+    return reduce_losses(losses, reduction)
   counts = layout.counted(VocabShards(vocab_axis, layout.logits.shape[-1]).any_shard)
   if ignore_index is not None:
     counts &= labels != ignore_index
