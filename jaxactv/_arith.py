@@ -11,12 +11,12 @@ import jax.numpy as jnp
 
 
 def times_allowing_inf(t: jax.Array, d: jax.Array) -> jax.Array:
-  """``t * d`` with ``0 * inf = 0``; NaN in either operand stays NaN.
+  """``t * d`` with ``0 * inf = inf * 0 = 0``; NaN in either operand stays NaN.
 
   The infinity is replaced before the product, never selected away after it, so no
   NaN is ever computed (``checkify``'s NaN checks look at every product).
   """
-  return t * jnp.where((t == 0) & jnp.isinf(d), 0.0, d)
+  return jnp.where((d == 0) & jnp.isinf(t), 0.0, t) * jnp.where((t == 0) & jnp.isinf(d), 0.0, d)
 
 
 def as_one_buffer(losses: jax.Array) -> jax.Array:

@@ -36,5 +36,8 @@ def reduce_losses(
     return total
   denom = jnp.asarray(losses.size, losses.dtype) if weights is None else jnp.sum(weights)
   denom = denom.astype(losses.dtype)
-  return jnp.where(denom == 0, 0.0, total / jnp.where(denom == 0, 1.0, denom))
+  # Both operands selected: with no weight, even an infinite total (and its gradient)
+  # gives 0, and no 0 * inf is formed in the backward pass.
+  empty = denom == 0
+  return jnp.where(empty, 0.0, jnp.where(empty, 0.0, total) / jnp.where(empty, 1.0, denom))
 

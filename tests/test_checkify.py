@@ -103,11 +103,14 @@ def test_integer_ce_is_silent_on_the_edge_table(rows):
   x = jnp.asarray(SAFE_ROWS if rows == "edge" else np.zeros((0, 4), np.float32))
   # Weights: none, all ones, and 0 at every label but the last class (zero total weight).
   _silent({n: functools.partial(_unweighted, f) for n, f in INT_CE.items()}, x)
-  # With weights (differentiated too) the all--inf row gets a finite label logit: an
-  # infinite mean has no derivative in the weights.
-  if rows == "edge":
-    x = x.at[1, 1].set(0.0)
-  _silent(INT_CE, x, jnp.ones(4, jnp.float32))
+  # With the weights differentiated too, the loss must be finite (an infinite mean has
+  # no derivative in the weights): -inf logits where no smoothing reaches them, masked
+  # rows, ignored examples, and zero total weight (where even an infinite total gives 0).
+  finite = x if rows == "empty" else jnp.where(jnp.isinf(x), -30.0, x)
+  smooth = {"smooth_z", "mean", "masked_rows"}
+  weighted = {n: f for n, f in INT_CE.items() if n not in smooth}
+  _silent(weighted, x.at[1, 1].set(0.0) if rows == "edge" else x, jnp.ones(4, jnp.float32))
+  _silent({n: INT_CE[n] for n in smooth}, finite, jnp.ones(4, jnp.float32))
   _silent(INT_CE, x, jnp.array([0.0, 0.0, 0.0, 1.0], jnp.float32))
 
 
