@@ -4,9 +4,11 @@ Every function here has the same signature and, on finite inputs, the same value
 as its namesake in :mod:`jaxactv`, but is written as the textbook formula with no
 custom gradient rule. Two uses:
 
-* Forward-mode autodiff. ``jax.custom_vjp`` rules cannot be pushed forward, so
-  ``jax.jvp``, ``jax.jacfwd`` and ``jax.hessian`` of a jaxactv op raise. Call the
-  twin instead: ``jax.hessian(lambda x: jaxactv.reference.logsumexp(x).sum())``.
+* Pure forward-mode autodiff. A ``jax.custom_vjp`` rule cannot be pushed forward,
+  so ``jax.jvp``, ``jax.jacfwd`` and ``jax.linearize`` of a jaxactv op itself raise
+  (forward-over-reverse, ``jax.hessian`` and ``jax.jvp`` of ``jax.grad``, works on
+  the fast ops). Call the twin instead:
+  ``jax.jacfwd(jaxactv.reference.softmax)(x)``.
 * Testing. jaxactv's tests compare every fast path with its twin, values and
   gradients.
 
@@ -23,6 +25,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike
 
+from jaxactv import _dtypes
 from jaxactv._validation import Axis, canonical_axes, check_reduction
 
 __all__ = [
@@ -32,6 +35,7 @@ __all__ = [
     "linear_softmax_cross_entropy",
     "log_sigmoid",
     "log_softmax",
+    "logmeanexp",
     "logsumexp",
     "sigmoid",
     "sigmoid_binary_cross_entropy",
@@ -83,16 +87,42 @@ def log_softmax(x: ArrayLike, axis: Axis = -1, where: ArrayLike | None = None) -
 
 
 def logsumexp(
-    x: ArrayLike, axis: Axis = -1, where: ArrayLike | None = None, keepdims: bool = False
-) -> jax.Array:
-  """``max + log(sum(exp(x - max)))`` over ``axis``; masked entries are left out."""
-  x = _float(x)
-  axes = canonical_axes(axis, x.ndim)
-  masked = x if where is None else jnp.where(where, x, -jnp.inf)
+    a: ArrayLike,
+    axis: Axis = None,
+    b: ArrayLike | None = None,
+    keepdims: bool = False,
+    return_sign: bool = False,
+    where: ArrayLike | None = None,
+):
+  """``max + log|sum(b * exp(a - max))|`` over ``axis``; masked entries and ``b == 0`` left out."""
+  x = _float(a)
+  axes = canonical_axes(axis, x.ndim, allow_empty=True)
+  keep = where
+  if b is not None:
+    b = jnp.asarray(b).astype(x.dtype)
+    keep = b != 0 if where is None else jnp.asarray(where) & (b != 0)
+  masked = x if keep is None else jnp.where(keep, x, -jnp.inf)
   m = lax.stop_gradient(jnp.max(masked, axes, keepdims=True, initial=-jnp.inf))
   m = jnp.where(jnp.isfinite(m), m, 0)
-  out = m + jnp.log(jnp.sum(jnp.exp(masked - m), axes, keepdims=True))
-  return out if keepdims else jnp.squeeze(out, axes)
+  e = jnp.exp(masked - m)
+  s = jnp.sum(e if b is None else e * b, axes, keepdims=True)
+  out, sign = m + jnp.log(jnp.abs(s)), jnp.sign(s)
+  if not keepdims:
+    out, sign = jnp.squeeze(out, axes), jnp.squeeze(sign, axes)
+  if return_sign:
+    return out, sign
+  return out if b is None else jnp.where(sign < 0, jnp.nan, out)
+
+
+def logmeanexp(
+    x: ArrayLike, axis: Axis = None, where: ArrayLike | None = None, keepdims: bool = False
+) -> jax.Array:
+  """``logsumexp(x) - log(n)``, ``n`` the number of entries ``where`` keeps."""
+  x = _float(x)
+  axes = canonical_axes(axis, x.ndim, allow_empty=True)
+  keep = jnp.ones(x.shape, bool) if where is None else jnp.broadcast_to(where, x.shape)
+  n = jnp.sum(keep, axes, keepdims=keepdims).astype(x.dtype)
+  return logsumexp(x, axis, keepdims=keepdims, where=where) - jnp.log(n)
 
 
 # ------------------------------------------------------------------------ losses
@@ -138,7 +168,7 @@ def _split_mask(logits, axis, where):
 
 def _loss_float(x):
   x = jnp.asarray(x)
-  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  return x.astype(_dtypes.compute_dtype(x.dtype))
 
 
 def softmax_cross_entropy_with_integer_labels(
@@ -164,7 +194,7 @@ def softmax_cross_entropy_with_integer_labels(
     n_valid = jnp.sum(valid, -1)
     loss += -(label_smoothing / n_valid) * jnp.sum(jnp.where(valid, w * logp, 0.0), -1)
   if z_loss:
-    loss += z_loss * logsumexp(x, where=valid) ** 2
+    loss += z_loss * logsumexp(x, -1, where=valid) ** 2
   if ignore_index is not None:
     counts &= labels != ignore_index
   in_range = (labels >= 0) & (labels < k)
@@ -185,7 +215,7 @@ def softmax_cross_entropy(
   logp = log_softmax(x, where=valid)
   loss = -jnp.sum(jnp.where(valid, t * logp, 0.0), -1)
   if z_loss:
-    loss += z_loss * logsumexp(x, where=valid) ** 2
+    loss += z_loss * logsumexp(x, -1, where=valid) ** 2
   loss = jnp.where(counts, loss, 0.0)
   return _reduce(loss, reduction, counts)
 

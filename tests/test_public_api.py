@@ -5,7 +5,7 @@ from __future__ import annotations
 import jaxactv
 import jaxactv.reference
 
-ACTIVATIONS = {"log_sigmoid", "log_softmax", "logsumexp", "sigmoid", "softmax"}
+ACTIVATIONS = {"log_sigmoid", "log_softmax", "logmeanexp", "logsumexp", "sigmoid", "softmax"}
 LOSSES = {
     "entropy_from_logits",
     "kl_divergence_from_logits",
