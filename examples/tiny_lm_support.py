@@ -209,21 +209,22 @@ def batch_order(num_windows: int, batch_size: int, steps: int, seed: int) -> np.
 
 
 class Progress:
-  """Prints ``step, loss, tokens/s, elapsed`` about ten times per run."""
+  """Prints ``step, loss, accuracy, tokens/s, elapsed`` about ten times per run."""
 
   def __init__(self, name: str, steps: int, clock: Clock):
     self.name, self.steps, self.clock = name, steps, clock
     self.every = max(1, steps // 10)
     self.last_time, self.tokens = time.perf_counter(), 0
 
-  def update(self, step: int, loss, tokens: int) -> None:
+  def update(self, step: int, loss, accuracy, tokens: int) -> None:
     self.tokens += tokens
     if (step + 1) % self.every and step + 1 != self.steps:
       return
-    loss = float(loss)  # waits for the step to finish
+    loss, accuracy = float(loss), float(accuracy)  # waits for the step to finish
     now = time.perf_counter()
     rate = self.tokens / (now - self.last_time)
     print(f"[{self.name}] step {step + 1:4d}/{self.steps}  loss {loss:.4f}  "
+          f"accuracy {accuracy:.3f}  "
           f"{rate:8,.0f} tokens/s  elapsed {self.clock.elapsed():5.1f} s", flush=True)
     self.last_time, self.tokens = now, 0
 
@@ -325,8 +326,8 @@ def plot_memory(memory: dict, path: Path) -> None:
 
 def print_summary(metrics: dict, timing: dict) -> None:
   held = metrics["heldout"]
-  print(f"held-out: loss {held['loss']:.4f}, perplexity {held['perplexity']:.1f} "
-        f"on {held['tokens']:,} tokens of files never trained on")
+  print(f"held-out: loss {held['loss']:.4f}, perplexity {held['perplexity']:.1f}, next-token "
+        f"accuracy {held['accuracy']:.3f} on {held['tokens']:,} tokens of files never trained on")
   for name, run in metrics["runs"].items():
     where = f" on mesh {run['mesh']}, per device" if "mesh" in run else ""
     line = f"{name}: train step temp memory{where} {mib(run['train_step_temp_bytes'])}"

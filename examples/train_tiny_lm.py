@@ -74,28 +74,39 @@ def hidden_states(params: dict, tokens: jax.Array, heads: int) -> jax.Array:
 # ---------------------------------------------------------------------------- loss
 
 
-def lm_loss(h: jax.Array, w: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
-  """Mean next-token cross-entropy over the tokens where ``mask`` is True. Fused."""
-  return jaxactv.linear_softmax_cross_entropy(
-      h, w, jnp.where(mask, targets, -1), ignore_index=-1)
+def lm_loss(h: jax.Array, w: jax.Array, targets: jax.Array, mask: jax.Array):
+  """Mean next-token cross-entropy where ``mask`` is True, and the next-token accuracy. Fused.
+
+  ``where=mask`` leaves padding out of the loss, its gradient and the mean. ``return_aux``
+  adds per-token monitors at no extra pass: the logsumexp, the argmax and the z-loss.
+  """
+  loss, aux = jaxactv.linear_softmax_cross_entropy(h, w, targets, where=mask, return_aux=True)
+  return loss, masked_mean(aux.argmax == targets, mask)
 
 
 def unfused_lm_loss(h, w, targets, mask):
-  """The same loss the usual way: ``[B, T, V]`` logits, then optax."""
-  losses = optax.softmax_cross_entropy_with_integer_labels(h @ w, targets)
-  return jnp.sum(jnp.where(mask, losses, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
+  """The same the usual way: ``[B, T, V]`` logits, then optax."""
+  logits = h @ w
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+  return masked_mean(losses, mask), masked_mean(jnp.argmax(logits, -1) == targets, mask)
+
+
+def masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
+  return jnp.sum(jnp.where(mask, values, 0)) / jnp.maximum(jnp.sum(mask), 1)
 
 
 def sharded_lm_loss(mesh: Mesh):
   """``lm_loss`` on a (data, vocab) mesh: each device holds a batch shard and a vocab slice."""
 
-  def local(h, w, targets, mask):  # h, targets, mask: [B / data, ...]; w: [D, V / vocab]
-    total = jaxactv.linear_softmax_cross_entropy(
-        h, w, jnp.where(mask, targets, -1), ignore_index=-1, reduction="sum",
+  def local(h, w, targets, mask):  # h, targets, mask: [B / data, T, ...]; w: [D, V / vocab]
+    total, aux = jaxactv.linear_softmax_cross_entropy(
+        h, w, targets, where=mask, reduction="sum", return_aux=True,
         vocab_axis="vocab")  # one pmax and one psum over "vocab"; the vocab is never gathered
-    return jax.lax.psum(total, "data") / jnp.maximum(jax.lax.psum(jnp.sum(mask), "data"), 1)
+    hits = jnp.sum((aux.argmax == targets) & mask)  # argmax: global token ids
+    total, hits, count = jax.lax.psum((total, hits, jnp.sum(mask)), "data")
+    return total / jnp.maximum(count, 1), hits / jnp.maximum(count, 1)
 
-  return jax.shard_map(local, mesh=mesh, out_specs=P(), check_vma=False,
+  return jax.shard_map(local, mesh=mesh, out_specs=(P(), P()),
                        in_specs=(P("data"), P(None, "vocab"), P("data"), P("data")))
 
 
@@ -108,9 +119,10 @@ def make_train_step(loss_fn, optimizer, cfg: Config):
 
   @functools.partial(jax.jit, donate_argnums=(0, 1))
   def train_step(params, opt_state, inputs, targets, mask):
-    loss, grads = jax.value_and_grad(objective)(params, inputs, targets, mask)
+    (loss, accuracy), grads = jax.value_and_grad(objective, has_aux=True)(
+        params, inputs, targets, mask)
     updates, opt_state = optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
+    return optax.apply_updates(params, updates), opt_state, loss, accuracy
 
   return train_step, jax.jit(objective)
 
@@ -134,29 +146,31 @@ def train(name, loss_fn, cfg, args, data, heldout, order, clock, mesh=None):
   first = put([a[order[0]] for a in data], P("data"))
   compiled = train_step.lower(params, opt_state, *first).compile()  # jit reuses it below
   run = {"train_step_temp_bytes": compiled.memory_analysis().temp_size_in_bytes}
-  progress, losses, curve = support.Progress(name, args.steps, clock), [], []
+  progress, losses, accuracies, curve = support.Progress(name, args.steps, clock), [], [], []
   eval_at = {max(1, round(args.steps * f)) for f in (0.25, 0.5, 0.75, 1.0)}
   for step, rows in enumerate(order):
     batch = put([a[rows] for a in data], P("data"))
-    params, opt_state, loss = train_step(params, opt_state, *batch)
+    params, opt_state, loss, accuracy = train_step(params, opt_state, *batch)
     losses.append(loss)
-    progress.update(step, loss, int(data.mask[rows].sum()))
+    accuracies.append(accuracy)
+    progress.update(step, loss, accuracy, int(data.mask[rows].sum()))
     if step + 1 in eval_at and name == "fused":
       curve.append({"step": step + 1, **heldout_loss(evaluate, params, heldout, 4 * len(rows))})
-  return params, {"losses": [float(v) for v in losses], **run}, curve
+  return params, {"losses": [float(v) for v in losses],
+                  "accuracies": [float(v) for v in accuracies], **run}, curve
 
 
 def heldout_loss(evaluate, params, heldout, batch_size) -> dict:
-  """Token-weighted mean loss on the held-out windows and its perplexity."""
+  """Token-weighted mean loss, perplexity and next-token accuracy on the held-out windows."""
   pad = -len(heldout.inputs) % batch_size  # whole batches: the extra rows are all masked out
   heldout = [np.pad(a, ((0, pad), (0, 0))) for a in heldout]
-  total, count = 0.0, 0
+  sums, count = np.zeros(2), 0
   for lo in range(0, len(heldout[0]), batch_size):
     batch = [a[lo:lo + batch_size] for a in heldout]  # the fused loss, forward only
     n = int(batch[2].sum())
-    total, count = total + float(evaluate(params, *batch)) * n, count + n
-  loss = total / max(count, 1)
-  return {"loss": loss, "perplexity": math.exp(loss), "tokens": count}
+    sums, count = sums + np.asarray(evaluate(params, *batch), np.float64) * n, count + n
+  loss, accuracy = sums / max(count, 1)
+  return {"loss": loss, "perplexity": math.exp(loss), "accuracy": accuracy, "tokens": count}
 
 
 @functools.partial(jax.jit, static_argnames=("heads", "new_tokens"))
