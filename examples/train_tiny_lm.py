@@ -4,9 +4,9 @@ Two pre-norm transformer blocks in plain JAX, trained with optax AdamW on the Py
 standard library's own source (on every machine, nothing downloaded), with a byte-level
 BPE vocabulary of 8192 tokens trained locally with `tokenizers`. The output layer and the
 loss are one call, ``jaxactv.linear_softmax_cross_entropy(h, w_out, targets, ...)``, which
-never forms the ``[tokens, vocab]`` logits. Padding is masked out of the loss.
+never forms the ``[tokens, vocab]`` logits; padding is masked out with ``where=``.
 
-  python examples/train_tiny_lm.py                    # about a minute on 2 CPU cores
+  python examples/train_tiny_lm.py                    # 200 steps; times: examples/README.md
   python examples/train_tiny_lm.py --compare-unfused  # + x @ w and optax's loss, + memory
   python examples/train_tiny_lm.py --devices 8        # + the same on a (data, vocab) mesh
 
