@@ -18,7 +18,7 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from jaxactv import _dtypes
-from jaxactv._arith import as_one_buffer, sum_to_shape, times_allowing_inf
+from jaxactv._arith import as_one_buffer, sum_to_operand, times_allowing_inf
 from jaxactv._reduction import reduce_losses
 from jaxactv._sharding import like_logits
 from jaxactv._sigmoid import stable_log_sigmoid, stable_sigmoid
@@ -120,11 +120,11 @@ def _bce_bwd(cfg, res, g):
   if pos_weight is not None:
     # d/dp = y' softplus(-x), with the smoothed target y'.
     soft_neg = times_allowing_inf(y, jnp.maximum(-x, 0.0)) + y * tail
-    dpw = sum_to_shape(_masked(times_allowing_inf(g, soft_neg), where), pos_weight.shape)
+    dpw = sum_to_operand(_masked(times_allowing_inf(g, soft_neg), where), pos_weight)
     dpw = dpw.astype(pos_weight.dtype)
   dx = _masked(dx, where)
   # Labels that broadcast to the logits get their cotangent summed back to their shape.
-  dy = sum_to_shape(_masked(dy, where), labels.shape)
+  dy = sum_to_operand(_masked(dy, where), labels)
   return dx.astype(logits.dtype), dy.astype(labels.dtype), dpw, None
 
 
@@ -266,13 +266,13 @@ def _focal_bwd(res, g):
   dalpha = dgamma = None
   if alpha is not None:
     dalpha_terms = jnp.where(finite, g * (2.0 * y - 1.0) * weight_ce, 0.0)
-    dalpha = sum_to_shape(_masked(dalpha_terms, where), jnp.shape(alpha))
+    dalpha = sum_to_operand(_masked(dalpha_terms, where), alpha)
     dalpha = dalpha.astype(jnp.result_type(alpha))
   dgamma_terms = jnp.where(finite, g * alpha_t * weight_ce * log_u, 0.0)
-  dgamma = sum_to_shape(_masked(dgamma_terms, where), jnp.shape(gamma))
+  dgamma = sum_to_operand(_masked(dgamma_terms, where), gamma)
   dgamma = dgamma.astype(jnp.result_type(gamma))
   dx = _masked(dx, where)
-  dy = sum_to_shape(_masked(dy, where), labels.shape)
+  dy = sum_to_operand(_masked(dy, where), labels)
   return dx.astype(logits.dtype), dy.astype(labels.dtype), dalpha, dgamma, None
 
 

@@ -83,3 +83,10 @@ def take(table: jax.Array, index: jax.Array) -> jax.Array:
     return table[index]
   out = NamedSharding(jax.typeof(index).sharding.mesh, P(*spec))
   return table.at[index].get(out_sharding=out, mode="promise_in_bounds")
+
+
+def same_layout_as(a: jax.Array, like: jax.Array) -> jax.Array:
+  """``a`` laid out as ``like`` (same shape) when either is typed as sharded."""
+  if explicit_spec(a) == explicit_spec(like):
+    return a
+  return jax.sharding.reshard(a, jax.typeof(like).sharding)

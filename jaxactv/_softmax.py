@@ -42,7 +42,7 @@ from jax import lax
 from jax.typing import ArrayLike
 
 from jaxactv import _dtypes
-from jaxactv._arith import sum_to_shape
+from jaxactv._arith import sum_to_operand
 from jaxactv._sharding import like_logits
 from jaxactv._validation import Axis, as_activation_input, as_mask, broadcasts_to, canonical_axes
 
@@ -319,7 +319,7 @@ def _logsumexp_bwd(axes, keepdims, res, cts):
   if b is None:
     return gp.astype(x.dtype), None, None, None
   dx = gp * b.astype(ct)
-  db = sum_to_shape(gp, b.shape)
+  db = sum_to_operand(gp, b)
   return dx.astype(x.dtype), db.astype(b.dtype), None, None
 
 
