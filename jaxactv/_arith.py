@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 
-def times_allowing_inf(t: jax.Array, d: jax.Array) -> jax.Array:
+def times_allowing_inf(t: ArrayLike, d: jax.Array) -> jax.Array:
   """``t * d`` with ``0 * inf = 0``; NaN in either operand stays NaN."""
   return jnp.where(t == 0, jnp.zeros_like(d * t), t * d)
 

@@ -179,6 +179,15 @@ def sigmoid_binary_cross_entropy(
 
   Returns:
     float32 (float64 for float64 logits) losses of ``logits``' shape, or a scalar.
+
+  Examples:
+    >>> jnp.set_printoptions(precision=4, suppress=True)
+    >>> logits, labels = jnp.array([0.0, jnp.inf, jnp.inf]), jnp.array([1.0, 1.0, 0.0])
+    >>> print(jaxactv.sigmoid_binary_cross_entropy(logits, labels))
+    [0.6931 0.        inf]
+    >>> bce_sum = lambda x: jaxactv.sigmoid_binary_cross_entropy(x, labels, reduction="sum")
+    >>> print(jax.grad(bce_sum)(logits))  # sigmoid(x) - y; optax: NaN at +inf
+    [-0.5  0.   1. ]
   """
   check_reduction(reduction)
   check_static_coefficient(label_smoothing, "label_smoothing", upper=1.0)
@@ -243,7 +252,7 @@ def _focal_bwd(res, g):
   du_dy = jnp.exp(log_q) - jnp.exp(log_p)  # d(1 - p_t)/dy = sigmoid(-x) - sigmoid(x)
   dweight_dy = gamma_c * jnp.exp((gamma_c - 1.0) * log_u) * du_dy
   dce_dy = log_q - log_p  # = -x, but exact at +-inf
-  dalpha_t_dy = 0.0 if alpha is None else 2.0 * alpha_c - 1.0
+  dalpha_t_dy = 0.0 if alpha_c is None else 2.0 * alpha_c - 1.0
   dy = g * (alpha_t * (dweight_dy * ce + weight * dce_dy) + dalpha_t_dy * weight * ce)
   dalpha = dgamma = None
   if alpha is not None:
@@ -301,6 +310,14 @@ def sigmoid_focal_loss(
 
   Returns:
     float32 (float64 for float64 logits) losses of ``logits``' shape, or a scalar.
+
+  Examples:
+    >>> jnp.set_printoptions(precision=4, suppress=True)
+    >>> logits, labels = jnp.zeros(2), jnp.array([1.0, 0.0])
+    >>> print(jaxactv.sigmoid_focal_loss(logits, labels, gamma=2.0))  # log 2 / 4
+    [0.1733 0.1733]
+    >>> print(jaxactv.sigmoid_focal_loss(logits, labels, alpha=0.25))
+    [0.0433 0.13  ]
   """
   check_reduction(reduction)
   check_nonnegative(gamma, "gamma")

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -265,7 +265,7 @@ def _scan_chunks(x2, w, bias, labels, counts, cfg, with_grad, g_rows=None, saved
     )
     return carry, (loss, lse, coef, dx)
 
-  init = None
+  init: Any = None
   if with_grad:
     # zeros_like keeps the operands' sharding type inside shard_map.
     init = (jnp.zeros_like(w, ct), None if bias is None else jnp.zeros_like(bias, ct))
@@ -388,6 +388,14 @@ def linear_softmax_cross_entropy(
 
   Returns:
     float32 (float64 for float64 inputs) loss: a scalar, or ``x.shape[:-1]``.
+
+  Examples:
+    >>> jnp.set_printoptions(precision=4, suppress=True)
+    >>> x, w = jnp.ones((3, 2)), jnp.zeros((2, 4))  # all logits 0: each loss is log 4
+    >>> labels = jnp.array([0, 3, -100])
+    >>> loss = jaxactv.linear_softmax_cross_entropy(x, w, labels, ignore_index=-100)
+    >>> print(f"{loss:.4f}")  # the mean over the two counted tokens
+    1.3863
   """
   check_reduction(reduction)
   check_smoothing_and_z(label_smoothing, z_loss)
