@@ -11,7 +11,7 @@ OLDEST_PY     := $(OLDEST_VENV)/bin/python
 OLDEST_STAMP  := $(OLDEST_VENV)/.installed
 OLDEST_PINS   := .ci/oldest-constraints.txt
 
-.PHONY: demo test test-oldest lint docs bench bench-quick clean
+.PHONY: demo test test-oldest lint docs dist bench bench-quick clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,12 @@ lint: $(STAMP)
 docs: $(STAMP)
 	$(PY) -m sphinx -W --keep-going -q -b html docs docs/_build/html
 	@echo "open docs/_build/html/index.html"
+
+# The release artefacts: sdist and wheel in dist/, checked by twine.
+dist: $(STAMP)
+	rm -rf dist
+	$(PY) -m build --outdir dist
+	$(PY) -m twine check --strict dist/*
 
 $(OLDEST_PY):
 	$(PYTHON) -m venv $(OLDEST_VENV)
