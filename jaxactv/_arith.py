@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 from jaxactv._sharding import same_layout_as
 from jaxactv._vocab_parallel import cotangent_like
 
 
-def times_allowing_inf(t: jax.Array, d: jax.Array) -> jax.Array:
+def times_allowing_inf(t: ArrayLike, d: jax.Array) -> jax.Array:
   """``t * d`` with ``0 * inf = inf * 0 = 0``; NaN in either operand stays NaN.
 
   The infinity is replaced before the product, never selected away after it, so no

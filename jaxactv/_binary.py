@@ -179,6 +179,15 @@ def sigmoid_binary_cross_entropy(
 
   Returns:
     float32 (float64 for float64 logits) losses of ``logits``' shape, or a scalar.
+
+  Examples:
+    >>> jnp.set_printoptions(precision=4, suppress=True)
+    >>> logits, labels = jnp.array([0.0, jnp.inf, jnp.inf]), jnp.array([1.0, 1.0, 0.0])
+    >>> print(jaxactv.sigmoid_binary_cross_entropy(logits, labels))
+    [0.6931 0.        inf]
+    >>> bce_sum = lambda x: jaxactv.sigmoid_binary_cross_entropy(x, labels, reduction="sum")
+    >>> print(jax.grad(bce_sum)(logits))  # sigmoid(x) - y; optax: NaN at +inf
+    [-0.5  0.   1. ]
   """
   check_reduction(reduction)
   check_static_coefficient(label_smoothing, "label_smoothing", upper=1.0)
@@ -259,7 +268,7 @@ def _focal_bwd(res, g):
   # exactly 0 there (a hard label the logit agrees with): 0 * inf = 0.
   dweight_dy = mul(gamma_c, jnp.exp((gamma_c - 1.0) * log_u)) * du_dy
   dce_dy = log_q - log_p  # = -x
-  dalpha_t_dy = 0.0 if alpha is None else 2.0 * alpha_c - 1.0
+  dalpha_t_dy = 0.0 if alpha_c is None else 2.0 * alpha_c - 1.0
   weight_ce = weight * ce
   dy = g * (alpha_t * (mul(dweight_dy, ce) + weight * dce_dy) + dalpha_t_dy * weight_ce)
   dy = jnp.where(finite, dy, 0.0)
@@ -325,6 +334,14 @@ def sigmoid_focal_loss(
 
   Returns:
     float32 (float64 for float64 logits) losses of ``logits``' shape, or a scalar.
+
+  Examples:
+    >>> jnp.set_printoptions(precision=4, suppress=True)
+    >>> logits, labels = jnp.zeros(2), jnp.array([1.0, 0.0])
+    >>> print(jaxactv.sigmoid_focal_loss(logits, labels, gamma=2.0))  # log 2 / 4
+    [0.1733 0.1733]
+    >>> print(jaxactv.sigmoid_focal_loss(logits, labels, alpha=0.25))
+    [0.0433 0.13  ]
   """
   check_reduction(reduction)
   check_nonnegative(gamma, "gamma")

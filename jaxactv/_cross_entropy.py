@@ -374,6 +374,15 @@ def softmax_cross_entropy_with_integer_labels(
 
   Returns:
     float32 (float64 for float64 logits) losses of the batch shape, or a scalar.
+
+  Examples:
+    >>> jnp.set_printoptions(precision=4, suppress=True)
+    >>> logits, labels = jnp.zeros((2, 4)), jnp.array([3, -100])
+    >>> loss = jaxactv.softmax_cross_entropy_with_integer_labels
+    >>> print(loss(logits, labels, ignore_index=-100))  # log 4, ignored
+    [1.3863 0.    ]
+    >>> print(f"{loss(logits, labels, ignore_index=-100, reduction='mean'):.4f}")
+    1.3863
   """
   check_reduction(reduction)
   check_smoothing_and_z(label_smoothing, z_loss)
@@ -563,6 +572,13 @@ def softmax_cross_entropy(
 
   Returns:
     float32 (float64 for float64 logits) losses of the batch shape, or a scalar.
+
+  Examples:
+    >>> jnp.set_printoptions(precision=4, suppress=True)
+    >>> logits = jnp.array([[0.0, 0.0], [0.0, -jnp.inf]])
+    >>> labels = jnp.array([[0.5, 0.5], [1.0, 0.0]])
+    >>> print(jaxactv.softmax_cross_entropy(logits, labels))  # log 2, 0 log 0
+    [0.6931 0.    ]
   """
   check_reduction(reduction)
   check_smoothing_and_z(label_smoothing, z_loss)

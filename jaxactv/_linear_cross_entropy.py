@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -263,7 +263,7 @@ def _scan(x2, w, bias, cw, labels, sc, cfg, with_grad, saved=None):
     )
     return (put_chunk(dx_cols, c, dxc), acc), outs
 
-  init = None
+  init: Any = None
   if with_grad:
     # Without vocab shards a chunk's dx is whole once its sweep is done: keep it in x's
     # dtype. Partial sums over vocab shards stay in the compute dtype until summed.
@@ -451,6 +451,13 @@ def linear_softmax_cross_entropy(
   Returns:
     float32 (float64 for float64 inputs) loss: a scalar, or ``x.shape[:-1]``; with
     ``return_aux``, ``(loss, aux)``.
+  Examples:
+    >>> jnp.set_printoptions(precision=4, suppress=True)
+    >>> x, w = jnp.ones((3, 2)), jnp.zeros((2, 4))  # all logits 0: each loss is log 4
+    >>> labels = jnp.array([0, 3, -100])
+    >>> loss = jaxactv.linear_softmax_cross_entropy(x, w, labels, ignore_index=-100)
+    >>> print(f"{loss:.4f}")  # the mean over the two counted tokens
+    1.3863
   """
   check_reduction(reduction)
   check_smoothing_and_z(label_smoothing, z_loss)

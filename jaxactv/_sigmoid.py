@@ -105,6 +105,13 @@ def sigmoid(x: ArrayLike) -> jax.Array:
 
   Returns:
     An array of ``x``'s shape and dtype.
+
+  Examples:
+    >>> jnp.set_printoptions(precision=4, suppress=True)
+    >>> print(jaxactv.sigmoid(jnp.array([-1.0, 0.0, 1.0])))
+    [0.2689 0.5    0.7311]
+    >>> print(f"{jax.grad(jaxactv.sigmoid)(17.0):.3g}")  # e**-17; jax.nn.sigmoid: 0
+    4.14e-08
   """
   return _sigmoid(as_activation_input(x))
 
@@ -159,5 +166,12 @@ def log_sigmoid(x: ArrayLike) -> jax.Array:
 
   Returns:
     An array of ``x``'s shape and dtype.
+
+  Examples:
+    >>> jnp.set_printoptions(precision=4, suppress=True)
+    >>> print(jaxactv.log_sigmoid(jnp.array([-1000.0, 0.0])))  # x, -log 2
+    [-1000.        -0.6931]
+    >>> print(jax.grad(jaxactv.log_sigmoid)(-1000.0))  # sigmoid(1000)
+    1.0
   """
   return _log_sigmoid(as_activation_input(x))

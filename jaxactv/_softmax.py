@@ -183,6 +183,15 @@ def softmax(x: ArrayLike, axis: Axis = -1, where: ArrayLike | None = None) -> ja
   Returns:
     Probabilities of ``x``'s shape and dtype, summing to 1 over ``axis`` (or to 0 on
     a row with nothing to normalise).
+
+  Examples:
+    >>> jnp.set_printoptions(precision=4, suppress=True)
+    >>> print(jaxactv.softmax(jnp.log(jnp.array([1.0, 3.0]))))
+    [0.25 0.75]
+    >>> print(jaxactv.softmax(jnp.array([1.0, jnp.inf, jnp.inf])))  # jax.nn: NaN
+    [0.  0.5 0.5]
+    >>> print(jaxactv.softmax(jnp.zeros(3), where=jnp.array([True, True, False])))
+    [0.5 0.5 0. ]
   """
   x, axes, where = _prepare(x, axis, where)
   return _jit_softmax(x, where, axes)
@@ -258,6 +267,13 @@ def log_softmax(x: ArrayLike, axis: Axis = -1, where: ArrayLike | None = None) -
 
   Returns:
     Log-probabilities of ``x``'s shape and dtype.
+
+  Examples:
+    >>> jnp.set_printoptions(precision=4, suppress=True)
+    >>> print(jaxactv.log_softmax(jnp.zeros(2)))  # log(1/2)
+    [-0.6931 -0.6931]
+    >>> print(jaxactv.log_softmax(jnp.zeros(2), where=jnp.array([True, False])))
+    [  0. -inf]
   """
   x, axes, where = _prepare(x, axis, where)
   return _jit_log_softmax(x, where, axes)
@@ -427,6 +443,13 @@ def logmeanexp(
 
   Returns:
     ``x``'s dtype, with ``axis`` reduced.
+
+  Examples:
+    >>> jnp.set_printoptions(precision=4, suppress=True)
+    >>> print(f"{jaxactv.logsumexp(jnp.zeros(2)):.4f}")  # log 2
+    0.6931
+    >>> print(jaxactv.logsumexp(jnp.array([-jnp.inf, -jnp.inf])))  # nothing to sum
+    -inf
   """
   if _is_complex(x):
     return jax.nn.logmeanexp(x, axis, where, keepdims)

@@ -216,10 +216,21 @@ def test_bad_input(kwargs, error, pattern):
 # ------------------------------------------------------------------ memory and work
 
 
+def _jaxprs_in_params(params):
+  # The Jaxprs and ClosedJaxprs among an equation's params (scan, pjit, custom_vjp
+  # bodies), as jax.extend.core.jaxprs_in_params, which jax 0.9.0 and older lack.
+  for value in params.values():
+    for v in value if isinstance(value, (tuple, list)) else (value,):
+      if hasattr(v, "eqns"):
+        yield v
+      elif hasattr(getattr(v, "jaxpr", None), "eqns"):
+        yield v.jaxpr
+
+
 def _all_eqns(jaxpr):
   for eqn in jaxpr.eqns:
     yield eqn
-    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+    for sub in _jaxprs_in_params(eqn.params):
       yield from _all_eqns(sub)
 
 
