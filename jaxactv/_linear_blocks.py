@@ -188,8 +188,8 @@ def over_slices(w, per_class, width, body, carry):
   full = classes // width
 
   def step(k, c):
-    lo = k * width
-    w_k = lax.dynamic_slice_in_dim(w, lo, width, axis=1)
+    lo, w_k = pinned(k * width, w)
+    w_k = lax.dynamic_slice_in_dim(w_k, lo, width, axis=1)
     cls_k = tuple(None if a is None else lax.dynamic_slice_in_dim(a, lo, width)
                   for a in per_class)
     return body(c, lo, w_k, cls_k)
@@ -198,7 +198,8 @@ def over_slices(w, per_class, width, body, carry):
   lo = full * width
   if lo < classes:
     cls_k = tuple(None if a is None else a[lo:] for a in per_class)
-    carry = body(carry, lo, w[:, lo:], cls_k)
+    start, w_last = pinned(jnp.int32(lo), w)
+    carry = body(carry, lo, lax.dynamic_slice_in_dim(w_last, start, classes - lo, 1), cls_k)
   return carry
 
 
@@ -258,7 +259,21 @@ def scan_chunks(tokens: Tokens, per_token, body, init):
 
 
 def take_chunk(cols: jax.Array, c) -> jax.Array:
+  """Chunk ``c`` of ``cols`` (``[rows, chunks, ...]``): ``[rows, ...]``."""
+  c, cols = pinned(c, cols)
   return lax.dynamic_index_in_dim(cols, c, 1, keepdims=False)
+
+
+def pinned(index, a: jax.Array):
+  """``(index, a)`` as they are, behind an optimisation barrier, for ``a[index]``.
+
+  XLA:CPU computes half-precision slices in float32: ``slice(w)`` inside a loop
+  becomes ``slice(convert(w))``, and the convert of the loop-invariant ``w`` is
+  hoisted out of the loop: a float32 copy of all of ``w`` (2 GiB at D = 4096,
+  V = 131072), and of ``x``. Tied to the loop's index by the barrier, ``a`` is no
+  longer invariant, and only the slice taken is converted. Free elsewhere.
+  """
+  return lax.optimization_barrier((index, a))
 
 
 def put_chunk(cols: jax.Array, c, value: jax.Array) -> jax.Array:
