@@ -105,9 +105,7 @@ def token_shards(x2: jax.Array) -> int:
 def like_tokens(a: jax.Array, x2: jax.Array) -> jax.Array:
   """A per-token array ``[N]`` sharded as the tokens of ``x2`` (labels, masks, weights)."""
   sharding = explicit_sharding(x2)
-  if sharding is None or jax.typeof(a).sharding.spec == sharding.spec[:1]:
-    return a
-  return jax.sharding.reshard(a, jax.sharding.PartitionSpec(*sharding.spec[:1]))
+  return a if sharding is None else _resharded(a, sharding, sharding.spec[:1])
 
 
 def like_classes(a: jax.Array | None, w: jax.Array) -> jax.Array | None:
@@ -115,10 +113,14 @@ def like_classes(a: jax.Array | None, w: jax.Array) -> jax.Array | None:
   sharding = explicit_sharding(w)
   if a is None or sharding is None:
     return a
-  spec = jax.sharding.PartitionSpec(*sharding.spec[1:2])
+  return _resharded(a, sharding, sharding.spec[1:2])
+
+
+def _resharded(a, like, spec):
+  spec = jax.sharding.PartitionSpec(*spec)
   if explicit_sharding(a) is not None and jax.typeof(a).sharding.spec == spec:
     return a
-  return jax.sharding.reshard(a, spec)
+  return jax.sharding.reshard(a, jax.sharding.NamedSharding(like.mesh, spec))
 
 
 def matmul(a, b, contract, ct, like=None):
