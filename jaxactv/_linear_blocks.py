@@ -37,8 +37,9 @@ from jaxactv._vocab_parallel import vary_like
 
 # The chunk rule (chunk_size=None). Every block the loop makes takes at most these many
 # bytes in float32: a [rows, slice] block of logits and a [rows, D] chunk of x (or dx)
-# BLOCK_BYTES; a [D, slice] slice of w (or of dw) SLICE_BYTES.
-BLOCK_BYTES = 32 * 2**20
+# BLOCK_BYTES; a [D, slice] slice of w (or of dw) SLICE_BYTES. 16 MiB blocks keep the
+# value-and-grad at <= 1/8 of the unfused temp memory from V = 32768 (D = 256) up.
+BLOCK_BYTES = 16 * 2**20
 SLICE_BYTES = 64 * 2**20
 MIN_ROWS = 128
 
