@@ -411,7 +411,7 @@ def linear_softmax_cross_entropy(
 
   Chunking (``chunk_size=None``, see ``jaxactv._linear_blocks.default_chunks``):
   every block takes a fixed budget whatever ``D`` is: a ``[rows, slice]`` block of
-  float32 logits and a ``[rows, D]`` chunk of ``x`` at most 32 MiB each, a
+  float32 logits and a ``[rows, D]`` chunk of ``x`` at most 16 MiB each, a
   ``[D, slice]`` slice of ``w`` (and of ``dw``) at most 64 MiB in float32. The
   slice is the whole vocabulary when that allows 128 rows, else the widest
   multiple of 128 classes that fits; the rows then fill the blocks, as a multiple

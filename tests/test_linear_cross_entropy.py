@@ -298,6 +298,7 @@ def test_memory_is_a_fraction_of_the_unfused_version():
 
 
 def test_default_chunk_rule():
+  from jaxactv._linear_blocks import SLICE_BYTES
   from jaxactv._linear_cross_entropy import BLOCK_BYTES, default_chunks
 
   rows, width = default_chunks(100_000, 32768, 256)
@@ -305,6 +306,10 @@ def test_default_chunk_rule():
   rows, width = default_chunks(100_000, 262144, 256)
   assert width < 262144 and width % 128 == 0 and rows * width * 4 <= BLOCK_BYTES
   assert default_chunks(5, 1000, 64) == (8, 1000)
+  # A wide hidden size bounds the [D, slice] slice of w and the [rows, D] chunk of x too.
+  rows, width = default_chunks(100_000, 131072, 4096)
+  assert 4096 * width * 4 <= SLICE_BYTES and rows * 4096 * 4 <= BLOCK_BYTES
+  assert rows * width * 4 <= BLOCK_BYTES and width % 128 == 0
 
 
 def test_slicing_the_vocabulary_copies_nothing_the_size_of_w():
