@@ -516,6 +516,7 @@ def linear_softmax_cross_entropy(
         z_term = reduce_losses(z_term[None], "mean", denom)
   if not return_aux:
     return loss
+  assert z_term is not None  # computed whenever return_aux is set
   aux = LinearCrossEntropyAux(
       lse.reshape(labels.shape), amax.reshape(labels.shape).astype(jnp.int32), z_term
   )
