@@ -41,9 +41,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-import jaxactv
-
 HERE = Path(__file__).resolve().parent
+# Benchmark the jaxactv next to this script, not whichever one the environment has
+# installed (several checkouts may share one virtual environment).
+sys.path.insert(0, str(HERE.parent))
+import jaxactv  # noqa: E402
+
 DEFAULT_OUT = HERE / "results"
 
 ACTIVATION_OPS = ("softmax", "log_softmax", "sigmoid")
