@@ -1,4 +1,4 @@
-"""Elementwise helpers for losses: ``0 * inf = 0``, and one select that shapes fusion.
+"""Elementwise helpers: ``0 * inf = 0``, one select that shapes fusion, broadcast cotangents.
 
 A loss often needs ``t * d`` where ``t`` may be 0 exactly where ``d`` is infinite
 (``0 * log 0``: a label of 0 at a logit of ``-inf``) and wants 0 there, not NaN.
@@ -11,8 +11,12 @@ import jax.numpy as jnp
 
 
 def times_allowing_inf(t: jax.Array, d: jax.Array) -> jax.Array:
-  """``t * d`` with ``0 * inf = 0``; NaN in either operand stays NaN."""
-  return jnp.where(t == 0, jnp.zeros_like(d * t), t * d)
+  """``t * d`` with ``0 * inf = inf * 0 = 0``; NaN in either operand stays NaN.
+
+  The infinity is replaced before the product, never selected away after it, so no
+  NaN is ever computed (``checkify``'s NaN checks look at every product).
+  """
+  return jnp.where((d == 0) & jnp.isinf(t), 0.0, t) * jnp.where((t == 0) & jnp.isinf(d), 0.0, d)
 
 
 def as_one_buffer(losses: jax.Array) -> jax.Array:
@@ -26,3 +30,11 @@ def as_one_buffer(losses: jax.Array) -> jax.Array:
   the select away.
   """
   return jnp.where(losses == losses, losses, jnp.nan)
+
+
+def sum_to_shape(a: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """Sum a cotangent of a broadcast operand back down to the operand's ``shape``."""
+  lead = a.ndim - len(shape)
+  a = jnp.sum(a, tuple(range(lead))) if lead else a
+  axes = tuple(i for i, n in enumerate(shape) if n == 1 and a.shape[i] != 1)
+  return jnp.sum(a, axes, keepdims=True) if axes else a

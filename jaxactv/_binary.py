@@ -18,12 +18,14 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from jaxactv import _dtypes
-from jaxactv._arith import as_one_buffer, times_allowing_inf
+from jaxactv._arith import as_one_buffer, sum_to_shape, times_allowing_inf
 from jaxactv._reduction import reduce_losses
+from jaxactv._sharding import like_logits
 from jaxactv._sigmoid import stable_log_sigmoid, stable_sigmoid
 from jaxactv._validation import (
     as_logits,
     as_mask,
+    broadcasts_to,
     check_nonnegative,
     check_reduction,
     check_static_coefficient,
@@ -35,14 +37,6 @@ def _softplus_tail(x: jax.Array) -> jax.Array:
   return jnp.log1p(jnp.exp(-jnp.abs(x)))
 
 
-def _sum_to_shape(a: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-  """Sum a broadcast cotangent back down to an operand's ``shape``."""
-  lead = a.ndim - len(shape)
-  a = jnp.sum(a, tuple(range(lead))) if lead else a
-  axes = tuple(i for i, n in enumerate(shape) if n == 1 and a.shape[i] != 1)
-  return jnp.sum(a, axes, keepdims=True) if axes else a
-
-
 def _masked(a: jax.Array, where: jax.Array | None) -> jax.Array:
   # Select, not multiply by a zeroed cotangent: a masked NaN must give gradient 0.
   return a if where is None else jnp.where(where, a, 0.0)
@@ -50,14 +44,15 @@ def _masked(a: jax.Array, where: jax.Array | None) -> jax.Array:
 
 def _prepare_labels(logits, labels, name="labels"):
   labels = jnp.asarray(labels)
-  if labels.shape != logits.shape:
+  if not broadcasts_to(labels.shape, logits.shape):
     raise ValueError(
-        f"{name} of shape {labels.shape} do not match logits of shape {logits.shape}: "
-        "a sigmoid loss takes one target in [0, 1] per logit."
+        f"{name} of shape {labels.shape} do not broadcast to logits of shape "
+        f"{logits.shape}: a sigmoid loss takes one target in [0, 1] per logit (or an "
+        "array that broadcasts to the logits, as in optax)."
     )
   if not jnp.issubdtype(labels.dtype, jnp.floating):
     labels = labels.astype(_dtypes.loss_dtype(logits.dtype))
-  return labels
+  return like_logits(labels, logits)
 
 
 def _broadcastable(value, logits, name):
@@ -72,7 +67,7 @@ def _broadcastable(value, logits, name):
     raise ValueError(
         f"{name} of shape {value.shape} does not broadcast to logits of shape {logits.shape}."
     )
-  return value
+  return like_logits(value, logits)
 
 
 # -------------------------------------------------------------- binary cross-entropy
@@ -118,14 +113,18 @@ def _bce_bwd(cfg, res, g):
   tail = _softplus_tail(x)
   p_w = 1.0 if pos_weight is None else pos_weight.astype(ct)
   dy_pos = times_allowing_inf(p_w, jnp.maximum(-x, 0.0)) + p_w * tail
-  dy = g * (1.0 - cfg.label_smoothing) * (dy_pos - (jnp.maximum(x, 0.0) + tail))
+  # 0 * inf = 0 throughout: a zero cotangent (or smoothing of 1) at an infinite logit
+  # gives 0, and no NaN is computed.
+  dy = times_allowing_inf(g * (1.0 - cfg.label_smoothing), dy_pos - (jnp.maximum(x, 0.0) + tail))
   dpw = None
   if pos_weight is not None:
     # d/dp = y' softplus(-x), with the smoothed target y'.
     soft_neg = times_allowing_inf(y, jnp.maximum(-x, 0.0)) + y * tail
-    dpw = _sum_to_shape(_masked(g * soft_neg, where), pos_weight.shape)
+    dpw = sum_to_shape(_masked(times_allowing_inf(g, soft_neg), where), pos_weight.shape)
     dpw = dpw.astype(pos_weight.dtype)
-  dx, dy = _masked(dx, where), _masked(dy, where)
+  dx = _masked(dx, where)
+  # Labels that broadcast to the logits get their cotangent summed back to their shape.
+  dy = sum_to_shape(_masked(dy, where), labels.shape)
   return dx.astype(logits.dtype), dy.astype(labels.dtype), dpw, None
 
 
@@ -169,8 +168,9 @@ def sigmoid_binary_cross_entropy(
 
   Args:
     logits: floating logits of any shape.
-    labels: targets in ``[0, 1]`` of ``logits``' shape (booleans and integers are
-      converted).
+    labels: targets in ``[0, 1]`` of ``logits``' shape or broadcastable to it, as in
+      optax (booleans and integers are converted); their gradient comes back in
+      their own shape.
     where: optional boolean mask broadcastable to ``logits``.
     pos_weight: optional weight of the positive term, broadcastable to
       ``logits`` (PyTorch: one per class, on the last axis).
@@ -185,7 +185,7 @@ def sigmoid_binary_cross_entropy(
   logits = as_logits(logits)
   labels = _prepare_labels(logits, labels)
   pos_weight = _broadcastable(pos_weight, logits, "pos_weight")
-  where = as_mask(where, logits.shape)
+  where = like_logits(as_mask(where, logits.shape), logits)
   losses = _bce(logits, labels, pos_weight, where, _BceConfig(float(label_smoothing)))
   weights = None if where is None else jnp.broadcast_to(where, logits.shape).astype(losses.dtype)
   return reduce_losses(losses, reduction, weights)
@@ -196,8 +196,11 @@ def sigmoid_binary_cross_entropy(
 
 def _log_add_exp(a: jax.Array, b: jax.Array) -> jax.Array:
   # log(e^a + e^b) with a or b possibly -inf (log 0), and a gradient that stays finite.
+  # Both -inf: the difference is taken between zeros, so no -inf - -inf = NaN appears.
   m = jnp.maximum(a, b)
-  return m + jnp.log1p(jnp.exp(-jnp.abs(a - b)))
+  both = m == -jnp.inf
+  diff = jnp.where(both, 0.0, a) - jnp.where(both, 0.0, b)
+  return m + jnp.log1p(jnp.exp(-jnp.abs(diff)))
 
 
 def _focal_terms(logits, labels, alpha, gamma, ct):
@@ -218,7 +221,7 @@ def _focal_fwd(logits, labels, alpha, gamma, where):
   ct = _dtypes.loss_dtype(logits.dtype)
   alpha_c = None if alpha is None else jnp.asarray(alpha).astype(ct)
   _, _, _, _, log_u, ce, gamma_c, alpha_t = _focal_terms(logits, labels, alpha_c, gamma, ct)
-  loss = alpha_t * jnp.exp(gamma_c * log_u) * ce
+  loss = alpha_t * times_allowing_inf(jnp.exp(times_allowing_inf(gamma_c, log_u)), ce)
   loss = as_one_buffer(loss) if where is None else jnp.where(where, loss, 0.0)
   return loss, (logits, labels, alpha, gamma, where)
 
@@ -227,31 +230,49 @@ def _focal_bwd(res, g):
   logits, labels, alpha, gamma, where = res
   ct = _dtypes.loss_dtype(logits.dtype)
   alpha_c = None if alpha is None else jnp.asarray(alpha).astype(ct)
-  _, y, log_p, log_q, log_u, ce, gamma_c, alpha_t = _focal_terms(
+  x, y, log_p, log_q, log_u, ce, gamma_c, alpha_t = _focal_terms(
       logits, labels, alpha_c, gamma, ct
   )
   g = g.astype(ct)
-  weight = jnp.exp(gamma_c * log_u)  # (1 - p_t)^gamma
+  mul = times_allowing_inf  # 0 * inf = 0: the limits at infinite logits, and no NaN computed
+  weight = jnp.exp(mul(gamma_c, log_u))  # (1 - p_t)^gamma
   # d(1 - p_t)/dx = (1 - 2y) p q, so d weight/dx = gamma (1 - 2y) u^(gamma-1) p q, taken as
   # one exp of a sum of logs: finite for every gamma >= 0 and finite x, where
-  # u^(gamma - 1) alone would blow up.
-  dweight = gamma_c * (1.0 - 2.0 * y) * jnp.exp((gamma_c - 1.0) * log_u + log_p + log_q)
+  # u^(gamma - 1) alone would blow up. At an infinite logit p q = 0 and so is the
+  # product (for gamma > 0; gamma = 0 has no weight to differentiate).
+  finite = jnp.isfinite(x)
+  lu, lp, lq = (jnp.where(finite, a, 0.0) for a in (log_u, log_p, log_q))
+  log_dweight = jnp.where(finite, (gamma_c - 1.0) * lu + lp + lq, -jnp.inf)
+  dweight = gamma_c * (1.0 - 2.0 * y) * jnp.exp(log_dweight)
   # sigmoid(x) - y as (1 - y) sigmoid(x) - y sigmoid(-x): no cancellation when it is tiny.
   residual = (1.0 - y) * jnp.exp(log_p) - y * jnp.exp(log_q)
-  dx = g * alpha_t * (dweight * ce + weight * residual)
-  # d/dy: the weight through log u, the cross-entropy through log p and log q.
+  dx = mul(g * alpha_t, mul(dweight, ce) + weight * residual)
+  # d/dy, d/dalpha, d/dgamma. At an infinite logit the loss is 0 or inf and has no
+  # finite derivative in these: they are computed at a finite stand-in for x (so no
+  # inf - inf or 0 * inf is ever formed) and set to 0 there.
+  _, _, log_p, log_q, log_u, ce, _, _ = _focal_terms(
+      jnp.where(finite, x, 0.0), labels, alpha_c, gamma, ct
+  )
+  weight = jnp.exp(gamma_c * log_u)
   du_dy = jnp.exp(log_q) - jnp.exp(log_p)  # d(1 - p_t)/dy = sigmoid(-x) - sigmoid(x)
-  dweight_dy = gamma_c * jnp.exp((gamma_c - 1.0) * log_u) * du_dy
-  dce_dy = log_q - log_p  # = -x, but exact at +-inf
+  # u^(gamma - 1) may overflow for gamma < 1 where u underflows; it multiplies a ce of
+  # exactly 0 there (a hard label the logit agrees with): 0 * inf = 0.
+  dweight_dy = mul(gamma_c, jnp.exp((gamma_c - 1.0) * log_u)) * du_dy
+  dce_dy = log_q - log_p  # = -x
   dalpha_t_dy = 0.0 if alpha is None else 2.0 * alpha_c - 1.0
-  dy = g * (alpha_t * (dweight_dy * ce + weight * dce_dy) + dalpha_t_dy * weight * ce)
+  weight_ce = weight * ce
+  dy = g * (alpha_t * (mul(dweight_dy, ce) + weight * dce_dy) + dalpha_t_dy * weight_ce)
+  dy = jnp.where(finite, dy, 0.0)
   dalpha = dgamma = None
   if alpha is not None:
-    dalpha = _sum_to_shape(_masked(g * (2.0 * y - 1.0) * weight * ce, where), jnp.shape(alpha))
+    dalpha_terms = jnp.where(finite, g * (2.0 * y - 1.0) * weight_ce, 0.0)
+    dalpha = sum_to_shape(_masked(dalpha_terms, where), jnp.shape(alpha))
     dalpha = dalpha.astype(jnp.result_type(alpha))
-  dgamma = _sum_to_shape(_masked(g * alpha_t * weight * ce * log_u, where), jnp.shape(gamma))
+  dgamma_terms = jnp.where(finite, g * alpha_t * weight_ce * log_u, 0.0)
+  dgamma = sum_to_shape(_masked(dgamma_terms, where), jnp.shape(gamma))
   dgamma = dgamma.astype(jnp.result_type(gamma))
-  dx, dy = _masked(dx, where), _masked(dy, where)
+  dx = _masked(dx, where)
+  dy = sum_to_shape(_masked(dy, where), labels.shape)
   return dx.astype(logits.dtype), dy.astype(labels.dtype), dalpha, dgamma, None
 
 
@@ -287,12 +308,15 @@ def sigmoid_focal_loss(
   and receive gradients.
 
   Edge cases: soft labels in ``[0, 1]`` are supported; masked elements give loss
-  0 and gradient 0. At infinite logits the loss is 0 or ``inf`` as for BCE, but
-  the gradient may be NaN.
+  0 and gradient 0. At infinite logits the loss is 0 or ``inf`` as for BCE and the
+  gradient in ``logits`` is its limit under ``0 * inf = 0`` (``alpha_t (sigmoid(x)
+  - y)`` where the loss is infinite, 0 where it is 0); the gradients in ``labels``,
+  ``alpha`` and ``gamma`` are 0 there (the loss has no finite derivative in them).
+  No intermediate is NaN, so ``checkify.all_checks`` stays silent.
 
   Args:
     logits: floating logits of any shape.
-    labels: targets in ``[0, 1]`` of ``logits``' shape.
+    labels: targets in ``[0, 1]`` of ``logits``' shape or broadcastable to it.
     alpha: optional weight of the positive class in ``[0, 1]``; None for no
       weighting.
     gamma: focusing exponent, ``>= 0`` (2 in the paper).
@@ -312,7 +336,7 @@ def sigmoid_focal_loss(
   labels = _prepare_labels(logits, labels)
   alpha = _broadcastable(alpha, logits, "alpha")
   gamma = _broadcastable(gamma, logits, "gamma")
-  where = as_mask(where, logits.shape)
+  where = like_logits(as_mask(where, logits.shape), logits)
   losses = _focal(logits, labels, alpha, gamma, where)
   weights = None if where is None else jnp.broadcast_to(where, logits.shape).astype(losses.dtype)
   return reduce_losses(losses, reduction, weights)

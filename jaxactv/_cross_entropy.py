@@ -26,21 +26,38 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import checkify
 from jax.typing import ArrayLike
 
 from jaxactv import _dtypes
-from jaxactv._arith import as_one_buffer, times_allowing_inf
+from jaxactv._arith import as_one_buffer, sum_to_shape, times_allowing_inf
 from jaxactv._backend import reuse_forward_exponentials
-from jaxactv._layout import to_class_layout
+from jaxactv._layout import broadcast_classes_last, to_class_layout
 from jaxactv._reduction import reduce_losses
+from jaxactv._sharding import class_axis_is_split, like_logits, take, whole
 from jaxactv._softmax import mask_logits
-from jaxactv._validation import Axis, as_logits, check_reduction, check_static_coefficient
+from jaxactv._validation import (
+    Axis,
+    as_logits,
+    broadcasts_to,
+    check_reduction,
+    check_static_coefficient,
+)
 from jaxactv._vocab_parallel import VocabShards
 
 
 def distance_below_max(x: jax.Array, offset: jax.Array) -> jax.Array:
   """``max - x`` per logit, in ``[0, inf]``: ``-log`` of the logit's share of the max."""
   return jnp.maximum(offset - x, 0.0)
+
+
+def safe_log_sum(sum_exp: jax.Array) -> jax.Array:
+  """``log(sum_exp)``, and 0 on a row with no finite logit (``sum_exp = 0``).
+
+  Such a row's loss is then ``inf`` (the target's ``-inf`` logits) or 0 (no target
+  mass), never ``-inf + inf``: no NaN is computed, so ``checkify`` stays silent.
+  """
+  return jnp.log(jnp.where(sum_exp == 0, 1.0, sum_exp))
 
 
 def finite_offset(row_max: jax.Array) -> jax.Array:
@@ -84,14 +101,14 @@ def _int_fwd(logits, labels, class_mask, class_weights, counts, cfg):
   row_max = shards.pmax(jnp.max(x, -1, keepdims=True, initial=-jnp.inf))
   offset = finite_offset(row_max)
   local_idx, here = shards.local_index(labels)
-  x_label = jnp.take_along_axis(x, local_idx[..., None], -1)[..., 0]
+  x_label = pick_class(x, local_idx)
   parts = {
       "sum_exp": jnp.sum(jnp.exp(x - offset), -1),
       "x_label": jnp.where(here, x_label, 0.0),
   }
   if class_weights is not None:
     w = class_weights.astype(ct)
-    parts["w_label"] = jnp.where(here, w[local_idx], 0.0)
+    parts["w_label"] = jnp.where(here, take(w, local_idx), 0.0)
   if eps > 0:
     w_row = jnp.ones((), ct) if class_weights is None else w
     d = distance_below_max(x, offset)
@@ -106,18 +123,21 @@ def _int_fwd(logits, labels, class_mask, class_weights, counts, cfg):
       parts["w_total"] = jnp.broadcast_to(jnp.sum(w), labels.shape)
   parts = dict(zip(parts, shards.psum(tuple(parts.values())), strict=True))
 
-  row_max, offset = row_max[..., 0], offset[..., 0]
-  log_sum = jnp.log(parts["sum_exp"])
-  lse = row_max + log_sum
-  # -log p_label = log_sum - (x_label - max): small numbers, no cancellation.
+  row_max, offset, sum_exp = row_max[..., 0], offset[..., 0], parts["sum_exp"]
+  log_sum = safe_log_sum(sum_exp)
+  lse = row_max + log_sum  # -inf on a row with no finite logit
+  # -log p_label = log_sum - (x_label - max): small numbers, no cancellation; inf at a
+  # -inf label logit (also on a row with no finite logit, whose log_sum is taken as 0).
   nll = log_sum - (parts["x_label"] - offset)
-  w_label = parts.get("w_label", 1.0)
-  loss = (1.0 - eps) * w_label * nll
+  w_label = parts.get("w_label", jnp.ones((), ct))
+  loss = times_allowing_inf((1.0 - eps) * w_label, nll)
   coef = (1.0 - eps) * w_label
   if eps > 0:
     n_valid = parts.get("n_valid", shards.num_classes)
     w_total = parts.get("w_total", n_valid)
-    spread = eps / n_valid
+    # A row with every class masked out has n_valid = 0: it does not count, and 1
+    # keeps the division by zero out of the graph.
+    spread = eps / (jnp.maximum(n_valid, 1.0) if "n_valid" in parts else n_valid)
     loss = loss + spread * (w_total * log_sum + parts["w_dist"])
     coef = coef + spread * w_total
   else:
@@ -125,44 +145,95 @@ def _int_fwd(logits, labels, class_mask, class_weights, counts, cfg):
   if z > 0:
     loss = loss + z * jnp.square(lse)
     coef = coef + 2.0 * z * lse
+  # A row with no finite logit has softmax 0: its coefficient is moot, and 0 keeps
+  # -inf * 0 out of the backward pass.
+  coef = jnp.where(sum_exp == 0, 0.0, coef)
   in_range = (labels >= 0) & (labels < shards.num_classes)
   # Out-of-range labels cannot raise under jit: that example's loss (and gradient)
-  # is NaN, never a silently wrapped class.
+  # is NaN, never a silently wrapped class. Selects, not products: under checkify the
+  # only error is the label check's (see check_traced_labels).
   scale = jnp.where(counts, jnp.where(in_range, 1.0, jnp.nan), 0.0).astype(ct)
-  loss = jnp.where(counts, loss * scale, 0.0)
+  loss = jnp.where(scale == 1, loss, scale)
   coef, spread = (jnp.broadcast_to(a, loss.shape).astype(ct) for a in (coef, spread))
-  res = (logits, labels, class_mask, class_weights, offset, parts["sum_exp"], coef, spread, scale)
+  res = (logits, labels, class_mask, class_weights, offset, sum_exp, coef, spread, scale)
+  if class_weights is not None:
+    res += (nll,)
   return loss, res
 
 
 def _int_bwd(cfg, res, g):
-  logits, labels, class_mask, class_weights, offset, sum_exp, coef, spread, scale = res
+  logits, labels, class_mask, class_weights, offset, sum_exp, coef, spread, scale = res[:9]
   ct = coef.dtype
   shards = VocabShards(cfg.vocab_axis, logits.shape[-1], sharded=logits)
   x = mask_logits(logits.astype(ct), class_mask)
   w = None if class_weights is None else class_weights.astype(ct)
-  g = shards.full_cotangent(g.astype(ct)) * scale
+  # g where the example counts, 0 where it does not, NaN for an out-of-range label.
+  g = jnp.where(scale == 1, shards.full_cotangent(g.astype(ct)), scale)
   dx = scaled_probs(
       x, offset[..., None], sum_exp[..., None], (g * coef)[..., None], logits.dtype
   )
   if cfg.label_smoothing > 0:
-    spread = spread[..., None] * (1.0 if w is None else w)
+    spread_w = spread[..., None] * (1.0 if w is None else w)
     if class_mask is not None:
-      spread = jnp.where(class_mask, spread, 0.0)
-    dx = dx - g[..., None] * spread
+      spread_w = jnp.where(class_mask, spread_w, 0.0)
+    dx = dx - g[..., None] * spread_w
   # Select, not multiply: an ignored or masked row full of NaN must get gradient 0.
   dx = jnp.where((scale != 0)[..., None], dx, 0.0)
   # The label's own term touches one logit per example: a scatter of N numbers into
   # the gradient, not a logits-sized one-hot comparison.
   local_idx, here = shards.local_index(labels)
-  w_label = 1.0 if w is None else w[local_idx]
+  w_label = 1.0 if w is None else take(w, local_idx)
   at_label = jnp.where(here, g * (1.0 - cfg.label_smoothing) * w_label, 0.0)
   dx = _subtract_at(dx, local_idx, at_label)
-  return dx.astype(logits.dtype), None, None, None, None
+  dw = None
+  if class_weights is not None:
+    dw = _class_weights_cotangent(
+        cfg, x, class_mask, offset, sum_exp, g, spread, local_idx, here, res[9]
+    )
+    dw = dw.astype(class_weights.dtype)
+  return dx.astype(logits.dtype), None, None, dw, None
+
+
+def _class_weights_cotangent(cfg, x, class_mask, offset, sum_exp, g, spread, local_idx, here, nll):
+  r"""``d loss / d w_j = (1 - eps) [j = y] nll_y + spread [j valid] nll_j``, summed.
+
+  ``nll_j = log_sum + (max - x_j)`` is ``-log p_j``. The label term is a scatter of one
+  number per example into ``[K]``; the smoothing term, present only with
+  ``label_smoothing``, is one more sweep over the logits, summed over the batch.
+  ``0 * inf = 0``: an example that does not count (``g = 0``) adds nothing even where
+  its ``nll`` is infinite.
+  """
+  k = x.shape[-1]
+  label_term = jnp.where(here, times_allowing_inf(g * (1.0 - cfg.label_smoothing), nll), 0.0)
+  dw = jnp.zeros((k,), g.dtype).at[local_idx.reshape(-1)].add(
+      label_term.reshape(-1), mode="promise_in_bounds"
+  )
+  if cfg.label_smoothing > 0:
+    nll_j = safe_log_sum(sum_exp)[..., None] + distance_below_max(x, offset[..., None])
+    terms = times_allowing_inf((g * spread)[..., None], nll_j)
+    if class_mask is not None:
+      terms = jnp.where(class_mask, terms, 0.0)  # a masked class takes no part
+    dw = dw + jnp.sum(terms.reshape(-1, k), 0)
+  return dw
+
+
+def pick_class(x: jax.Array, index: jax.Array) -> jax.Array:
+  """``x[..., index]``: one class per example, ``index`` already in range."""
+  if class_axis_is_split(x):
+    # Classes split over devices (an Explicit mesh): a compare fused into the sweep
+    # and an all-reduce of one number per example, not a gather across devices.
+    return jnp.sum(jnp.where(_is_index(x, index), x, 0.0), -1)
+  return jnp.take_along_axis(x, index[..., None], -1)[..., 0]
+
+
+def _is_index(x: jax.Array, index: jax.Array) -> jax.Array:
+  return jax.lax.broadcasted_iota(index.dtype, x.shape, x.ndim - 1) == index[..., None]
 
 
 def _subtract_at(dx: jax.Array, index: jax.Array, values: jax.Array) -> jax.Array:
   """``dx[..., index] -= values`` for one class index per example."""
+  if class_axis_is_split(dx):
+    return dx - jnp.where(_is_index(dx, index), values[..., None], 0.0)
   flat = dx.reshape(-1, dx.shape[-1])
   rows = jnp.arange(flat.shape[0])
   flat = flat.at[rows, index.reshape(-1)].add(-values.reshape(-1), mode="promise_in_bounds")
@@ -193,6 +264,29 @@ def check_concrete_labels(labels, num_classes: int, ignore_index: int | None) ->
         f"labels{list(where)} = {first} is not a class id: with {num_classes} classes a "
         f"label must lie in [0, {num_classes}){ignore}."
     )
+
+
+def check_traced_labels(labels, num_classes: int, ignore_index: int | None) -> None:
+  """Under ``checkify``, an error naming the first out-of-range label; else nothing.
+
+  ``checkify.debug_check`` is dropped from the computation unless the caller wraps
+  it in ``checkify.checkify``, so unwrapped calls pay nothing. Concrete labels were
+  already checked in Python (``check_concrete_labels``).
+  """
+  if not isinstance(labels, jax.core.Tracer) or labels.size == 0:
+    return
+  bad = (labels < 0) | (labels >= num_classes)
+  if ignore_index is not None:
+    bad &= labels != ignore_index
+  first = jnp.argmax(bad.reshape(-1))
+  ignore = "" if ignore_index is None else f" or ignore_index={ignore_index}"
+  checkify.debug_check(
+      ~jnp.any(bad),
+      "labels (flattened) [{index}] = {label} is not a class id: with "
+      f"{num_classes} classes a label must lie in [0, {num_classes}){ignore}.",
+      index=first,
+      label=labels.reshape(-1)[first],
+  )
 
 
 def softmax_cross_entropy_with_integer_labels(
@@ -230,8 +324,13 @@ def softmax_cross_entropy_with_integer_labels(
   ``[0, K)`` that is not ``ignore_index`` raises ``ValueError`` when ``labels``
   is concrete; under ``jit`` no exception can be raised, so that example's loss
   and gradient are NaN (``take_along_axis`` would silently clamp it). For a real
-  error under ``jit``, wrap the call in ``jax.experimental.checkify.checkify``
-  with ``errors=checkify.float_checks`` or check ``jnp.isnan(loss)``.
+  error under ``jit``, wrap the call in ``jax.experimental.checkify.checkify`` (any
+  ``errors=``, e.g. ``checkify.all_checks``): it then raises an error naming the
+  label and the number of classes (a ``checkify.debug_check``, free when not
+  wrapped). On every other input (``-inf`` logits and rows, masks, ignored
+  examples, zero weights, empty batches) ``checkify.all_checks`` stays silent,
+  value and gradient: no intermediate is NaN. (A ``+inf`` logit gives ``inf`` or
+  NaN, as the module docs say.)
 
   Args:
     logits: ``[..., num_classes]`` floating logits (bfloat16/float16 are computed
@@ -244,8 +343,9 @@ def softmax_cross_entropy_with_integer_labels(
     ignore_index: a label value whose examples are ignored (PyTorch uses -100).
     label_smoothing: :math:`\varepsilon \in [0, 1]`, spread over the classes
       (over the unmasked ones when ``where`` masks logits).
-    class_weights: optional ``[num_classes]`` weights (PyTorch's ``weight``),
-      treated as a constant.
+    class_weights: optional ``[num_classes]`` weights (PyTorch's ``weight``). They
+      are differentiable: ``d loss / d w_j`` is the true derivative, including the
+      ``"mean"`` denominator (PyTorch refuses this gradient).
     z_loss: coefficient of PaLM's auxiliary ``logsumexp(x)**2`` term.
     reduction: ``"none"`` (per example), ``"mean"`` or ``"sum"``.
     vocab_axis: inside ``jax.shard_map``, the mesh axis over which the class axis
@@ -279,6 +379,8 @@ def softmax_cross_entropy_with_integer_labels(
     raise ValueError(f"vocab_axis needs a single class axis; got axis={axis!r}.")
   if class_weights is not None:
     class_weights = jnp.asarray(class_weights)
+    if not jnp.issubdtype(class_weights.dtype, jnp.floating):
+      class_weights = class_weights.astype(_dtypes.loss_dtype(logits.dtype))
     if class_weights.shape != (layout.num_classes,):
       raise ValueError(
           f"class_weights must have shape ({layout.num_classes},), one weight per class of "
@@ -287,7 +389,19 @@ def softmax_cross_entropy_with_integer_labels(
   shards_classes = layout.num_classes if vocab_axis is None else None
   if shards_classes is not None:
     check_concrete_labels(labels_in, shards_classes, ignore_index)
+  check_traced_labels(
+      labels, VocabShards(vocab_axis, layout.logits.shape[-1]).num_classes, ignore_index
+  )
 
+  if labels.size == 0:
+    # An empty batch: nothing to gather or scatter (checkify's index checks cannot
+    # take an empty gather). The losses are an empty array, their sum and mean 0.
+    losses = jnp.zeros(labels.shape, _dtypes.loss_dtype(logits.dtype))
+    return reduce_losses(losses, reduction)
+  labels = like_logits(labels, layout.logits, tuple(range(labels.ndim)))
+  if class_weights is not None:
+    # One weight per class, gathered by label: kept whole on every device (it is small).
+    class_weights = whole(class_weights)
   counts = layout.counted(VocabShards(vocab_axis, layout.logits.shape[-1]).any_shard)
   if ignore_index is not None:
     counts &= labels != ignore_index
@@ -300,7 +414,7 @@ def softmax_cross_entropy_with_integer_labels(
     if class_weights is not None:
       shards = VocabShards(vocab_axis, layout.logits.shape[-1])
       local_idx, here = shards.local_index(labels)
-      w_label = jnp.where(here, class_weights.astype(ct)[local_idx], 0.0)
+      w_label = jnp.where(here, take(class_weights.astype(ct), local_idx), 0.0)
       weights = weights * shards.psum((w_label,))[0]
   return reduce_losses(losses, reduction, weights)
 
@@ -320,7 +434,12 @@ def _targets(labels, class_mask, eps, ct):
     t = jnp.where(class_mask, t, 0.0)
   if eps > 0:
     valid = 1.0 if class_mask is None else class_mask.astype(ct)
-    n_valid = t.shape[-1] if class_mask is None else jnp.sum(valid, -1, keepdims=True)
+    # A row with every class masked has n_valid = 0 and does not count; 1 keeps the
+    # division by zero out of the graph.
+    n_valid = (
+        t.shape[-1] if class_mask is None
+        else jnp.maximum(jnp.sum(valid, -1, keepdims=True), 1.0)
+    )
     t = (1.0 - eps) * t + (eps / n_valid) * valid
   return t
 
@@ -333,7 +452,7 @@ def _soft_fwd(logits, labels, class_mask, counts, cfg):
   row_max = jnp.max(x, -1, keepdims=True, initial=-jnp.inf)
   offset = finite_offset(row_max)
   sum_exp = jnp.sum(jnp.exp(x - offset), -1, keepdims=True)
-  log_sum = jnp.log(sum_exp)
+  log_sum = safe_log_sum(sum_exp)
   # sum_j t_j (lse - x_j), each term as t_j ((max - x_j) + log_sum): non-negative, small
   # numbers (no rounding at the scale of max), and 0 * inf = 0.
   loss = jnp.sum(times_allowing_inf(t, distance_below_max(x, offset) + log_sum), -1)
@@ -343,6 +462,8 @@ def _soft_fwd(logits, labels, class_mask, counts, cfg):
   if z > 0:
     loss = loss + z * jnp.square(lse)
     coef = coef + 2.0 * z * lse
+  # A row with no finite logit has softmax 0: its coefficient is moot (0, not -inf).
+  coef = jnp.where(sum_exp == 0, 0.0, coef)
   # as_one_buffer (a select on one number per example) keeps XLA from merging these
   # row sums into a caller's sum over the batch, which XLA:CPU does by writing out
   # logits-sized broadcasts of the per-row numbers (5x slower).
@@ -360,11 +481,13 @@ def _soft_bwd(cfg, res, g):
   t = _targets(labels, class_mask, eps, ct)
   dlogits = scaled_probs(x, offset, sum_exp, g * coef[..., None], logits.dtype) - g * t
   # d loss / d label_j = (1 - eps) * (lse - x_j): +inf at a -inf logit, 0 where masked.
-  dlabels = (1.0 - eps) * g * (jnp.log(sum_exp) + distance_below_max(x, offset))
+  nll = safe_log_sum(sum_exp) + distance_below_max(x, offset)
+  dlabels = times_allowing_inf((1.0 - eps) * g, nll)
   # Select, not multiply: a masked example full of NaN must get gradient 0.
   keep = counts[..., None] if class_mask is None else counts[..., None] & class_mask
   dlogits = jnp.where(counts[..., None], dlogits, 0.0)
-  dlabels = jnp.where(keep, dlabels, 0.0)
+  # Labels that broadcast to the logits get their cotangent summed back to their shape.
+  dlabels = sum_to_shape(jnp.where(keep, dlabels, 0.0), labels.shape)
   return dlogits.astype(logits.dtype), dlabels.astype(labels.dtype), None, None
 
 
@@ -409,7 +532,9 @@ def softmax_cross_entropy(
 
   Args:
     logits: ``[..., num_classes]`` floating logits.
-    labels: target probabilities (or one-hot rows) of ``logits``' shape.
+    labels: target probabilities (or one-hot rows), of ``logits``' shape or any shape
+      that broadcasts to it (``[num_classes]``: one target for every example), as
+      in optax; their gradient comes back in their own shape.
     axis: the class axis, or a tuple of axes.
     where: optional boolean mask per logit (``logits``' rank) or per example.
     label_smoothing: :math:`\varepsilon \in [0, 1]`.
@@ -424,17 +549,20 @@ def softmax_cross_entropy(
   check_smoothing_and_z(label_smoothing, z_loss)
   logits = as_logits(logits)
   labels = jnp.asarray(labels)
-  if labels.shape != logits.shape:
+  if not broadcasts_to(labels.shape, logits.shape):
     raise ValueError(
-        f"labels of shape {labels.shape} do not match logits of shape {logits.shape}: "
-        "softmax_cross_entropy takes one target probability per logit. For class ids "
-        "use softmax_cross_entropy_with_integer_labels."
+        f"labels of shape {labels.shape} do not broadcast to logits of shape "
+        f"{logits.shape}: softmax_cross_entropy takes one target probability per logit "
+        "(a shape like (num_classes,) is shared by every example). For class ids use "
+        "softmax_cross_entropy_with_integer_labels."
     )
   if not jnp.issubdtype(labels.dtype, jnp.floating):
     labels = labels.astype(_dtypes.loss_dtype(logits.dtype))
   layout = to_class_layout(logits, axis, where)
   counts = layout.counted()
-  labels_last = to_class_layout(labels, axis, None).logits
+  # Broadcast on the class axes only: labels shared by the batch stay that small.
+  labels_last = like_logits(broadcast_classes_last(labels, logits.shape, layout.axes),
+                            layout.logits)
   cfg = _SoftConfig(float(label_smoothing), float(z_loss))
   losses = _soft_ce(layout.logits, labels_last, layout.class_mask, counts, cfg)
   return reduce_losses(losses, reduction, counts.astype(losses.dtype))

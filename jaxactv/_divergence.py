@@ -25,6 +25,7 @@ from jaxactv import _dtypes
 from jaxactv._arith import times_allowing_inf
 from jaxactv._layout import to_class_layout
 from jaxactv._reduction import reduce_losses
+from jaxactv._sharding import like_logits
 from jaxactv._softmax import mask_logits, normalize
 from jaxactv._validation import Axis, as_logits, check_reduction
 
@@ -39,6 +40,16 @@ def _phi(z: jax.Array) -> jax.Array:
   return jnp.where(small, series, jnp.expm1(z) - z)
 
 
+def _log_ratio(x: jax.Array, t: jax.Array, support: jax.Array) -> jax.Array:
+  """``x - t`` on the target's support where ``x`` is finite, else 0.
+
+  Taken between selected operands, so ``-inf - -inf`` is never computed (checkify).
+  A supported class with ``x = -inf`` makes the divergence ``inf``, set separately.
+  """
+  ok = support & (x > -jnp.inf)
+  return jnp.where(ok, x, 0.0) - jnp.where(ok, t, 0.0)
+
+
 def _log_norm(x: jax.Array) -> jax.Array:
   """Per-row logsumexp (keepdims) of masked logits."""
   return normalize(x, (x.ndim - 1,)).logsumexp
@@ -48,7 +59,7 @@ def _log_norm(x: jax.Array) -> jax.Array:
 
 
 def _kl_fwd(logits, target_logits, class_mask, counts):
-  ct = _dtypes.loss_dtype(jnp.promote_types(logits.dtype, target_logits.dtype))
+  ct = _dtypes.loss_dtype(logits.dtype, target_logits.dtype)
   x = mask_logits(logits.astype(ct), class_mask)
   t = mask_logits(target_logits.astype(ct), class_mask)
   lse_x, lse_t = _log_norm(x), _log_norm(t)
@@ -57,13 +68,15 @@ def _kl_fwd(logits, target_logits, class_mask, counts):
   # The target's support (q > 0 in this precision). Outside it only the prediction's
   # mass there, p_out, matters: KL = KL over the support - log(1 - p_out).
   support = q > 0
-  delta = jnp.where(support, x - t, 0.0)
+  delta = _log_ratio(x, t, support)
   mu = jnp.sum(q * delta, -1, keepdims=True)
   z = delta - mu
   # E_q[z] is 0 up to rounding; keeping its rounding r makes the identities exact.
   r = jnp.sum(q * z, -1)
   # q * phi(z), in log space where exp(z) alone would overflow.
-  terms = jnp.where(z > 50.0, jnp.exp(log_q + z) - q * (1.0 + z), q * _phi(z))
+  terms = jnp.where(
+      z > 50.0, jnp.exp(log_q + z) - q * (1.0 + z), times_allowing_inf(q, _phi(z))
+  )
   phi_mean = jnp.sum(jnp.where(support, terms, 0.0), -1)
   # log E_q[e^z]: log1p of a small mean keeps its digits; a large one goes through lse.
   log_mean_exp = jnp.where(
@@ -91,7 +104,7 @@ def _kl_bwd(res, g):
   q = jnp.exp(t - jnp.where(lse_t == -jnp.inf, 0.0, lse_t))
   dx = g * (p - q)
   # dKL/dt_j = q_j (log q_j - log p_j - KL) = -q_j (x_j - t_j - E_q[x - t])
-  dt = jnp.where(q > 0, -g * q * ((x - t) - mu), 0.0)
+  dt = jnp.where(q > 0, -g * q * (_log_ratio(x, t, q > 0) - mu), 0.0)
   # Select, not multiply: a masked example full of NaN must get gradient 0.
   dx, dt = (jnp.where(counts[..., None], a, 0.0) for a in (dx, dt))
   return dx.astype(logits.dtype), dt.astype(target_logits.dtype), None, None
@@ -149,7 +162,7 @@ def kl_divergence_from_logits(
     )
   layout = to_class_layout(logits, axis, where)
   counts = layout.counted()
-  targets = to_class_layout(target_logits, axis, None).logits
+  targets = like_logits(to_class_layout(target_logits, axis, None).logits, layout.logits)
   kl = _kl(layout.logits, targets, layout.class_mask, counts)
   return reduce_losses(kl, reduction, counts.astype(kl.dtype))
 
@@ -179,6 +192,8 @@ def _entropy_bwd(res, g):
   g = jnp.where(counts, g.astype(ct), 0.0)[..., None]
   log_p = x - jnp.where(lse == -jnp.inf, 0.0, lse)[..., None]
   p = jnp.exp(log_p)
+  # log p is -inf where p = 0: replaced before the product (no 0 * inf computed).
+  log_p = jnp.where(p > 0, log_p, 0.0)
   dx = jnp.where(p > 0, -g * p * (log_p + h[..., None]), 0.0)
   return dx.astype(logits.dtype), None, None
 

@@ -2,14 +2,18 @@
 
 Language models and extreme multi-label classifiers spend most of their loss
 memory on the ``[tokens, classes]`` logits. This op walks the tokens in chunks
-with ``lax.scan`` (and, for very large vocabularies, the classes in slices within
-each chunk), so the largest array it ever holds is one ``[chunk, slice]`` block.
+with ``lax.scan`` (and, for very large vocabularies or hidden sizes, the classes in
+slices within each chunk), so the largest arrays it ever holds are one
+``[chunk, slice]`` block of logits and one ``[D, slice]`` slice of ``w``
+(``jaxactv._linear_blocks`` holds the chunk rule and the machinery it shares with
+``linear_log_probs``).
 
 For ``reduction="mean"``/``"sum"`` the forward pass also computes ``dx``, ``dw`` and
-``db`` (as Liger-Kernel does): the total work is the three matmuls of the unfused
-``x @ w`` + loss + autodiff, not four, and the backward pass only scales them by
-the incoming cotangent. For ``reduction="none"`` the per-token cotangents are not
-known in the forward pass, so the backward recomputes each block (four matmuls).
+``db`` (as Liger-Kernel does): with one slice the total work is the three matmuls
+of the unfused ``x @ w`` + loss + autodiff, and the backward pass only scales them
+by the incoming cotangent. With several slices, and for ``reduction="none"`` (whose
+per-token cotangents the forward pass does not know), each block is recomputed
+for the gradient (four matmuls).
 
 Accumulation is in float32 for every input dtype (float64 for float64 inputs):
 the matmuls ask for float32 results, ``dw`` is summed across chunks in float32,
@@ -30,49 +34,65 @@ from jax.typing import ArrayLike
 
 from jaxactv import _dtypes
 from jaxactv._cross_entropy import check_concrete_labels, check_smoothing_and_z
+from jaxactv._linear_blocks import (
+    BLOCK_BYTES as BLOCK_BYTES,
+)
+from jaxactv._linear_blocks import (
+    LogitsSpec,
+    Tokens,
+    block_logits,
+    chunk_sizes,
+    grad_accumulators,
+    grad_sweep,
+    label_value,
+    like_classes,
+    like_tokens,
+    over_slices,
+    put_chunk,
+    row_zeros,
+    scan_chunks,
+    take_chunk,
+    token_shards,
+)
+from jaxactv._linear_blocks import (
+    default_chunks as default_chunks,
+)
 from jaxactv._reduction import reduce_losses
-from jaxactv._validation import check_reduction
-from jaxactv._vocab_parallel import VocabShards
+from jaxactv._validation import as_bool, check_reduction
+from jaxactv._vocab_parallel import VocabShards, cotangent_like, vary_like
 
-# The chunk rule: a [rows, slice] float32 block of logits takes at most this many
-# bytes; slices are the whole (local) vocabulary unless 128 rows of it would not fit.
-BLOCK_BYTES = 32 * 2**20
-MIN_ROWS = 128
+
+class LinearCrossEntropyAux(NamedTuple):
+  """Per-token monitors of ``linear_softmax_cross_entropy(..., return_aux=True)``.
+
+  They carry no gradient: they are computed in the same pass as the loss and held
+  as constants (``lax.stop_gradient``); differentiate the loss itself.
+
+  Attributes:
+    lse: float32 ``[*labels.shape]``, the logsumexp of the final logits
+      (``cap((x @ w + bias) / T)``), for every token, counted or not.
+    argmax: int32 ``[*labels.shape]``, the predicted class as a global id (the
+      lowest index on ties), for every token.
+    z_loss: the z-loss term ``z_loss * lse**2`` alone, weighted and reduced like
+      the loss (0 when ``z_loss=0``).
+  """
+
+  lse: jax.Array
+  argmax: jax.Array
+  z_loss: jax.Array
 
 
 class _Config(NamedTuple):
   label_smoothing: float
   z_loss: float
-  softcap: float | None
+  logits: LogitsSpec
   rows: int  # tokens per chunk
   slice_width: int  # classes per slice
   vocab_axis: str | None
+  aux: bool  # also track each row's argmax
   x_dtype: np.dtype  # the gradients go back in the inputs' dtypes
   w_dtype: np.dtype
   b_dtype: np.dtype | None
-
-
-def default_chunks(num_tokens: int, local_classes: int) -> tuple[int, int]:
-  """``(rows, slice_width)`` for ``chunk_size=None``.
-
-  The slice is the whole local vocabulary when ``MIN_ROWS`` rows of it fit in
-  ``BLOCK_BYTES`` of float32 (up to 65536 classes), else the widest multiple of 128
-  classes that does. Rows then fill the block, as a multiple of 8, at most the
-  number of tokens (rounded up to 8).
-  """
-  per_row = 4 * local_classes
-  if MIN_ROWS * per_row <= BLOCK_BYTES:
-    width = local_classes
-  else:
-    width = max(128, (BLOCK_BYTES // (4 * MIN_ROWS)) // 128 * 128)
-  rows = max(8, (BLOCK_BYTES // (4 * width)) // 8 * 8)
-  rows = min(rows, max(8, -(-num_tokens // 8) * 8))
-  return rows, width
-
-
-def _matmul(a, b, contract, ct):
-  """``a . b`` contracting the given axes, accumulated (and returned) in ``ct``."""
-  return lax.dot_general(a, b, (contract, ((), ())), preferred_element_type=ct)
 
 
 class _Stats(NamedTuple):
@@ -80,247 +100,253 @@ class _Stats(NamedTuple):
 
   row_max: jax.Array  # [rows]
   sum_exp: jax.Array  # sum of exp(z - row_max)
-  z_label: jax.Array  # the label's (soft-capped) logit
-  dist: jax.Array  # sum over classes of (row_max - z): the smoothing term's raw sum
+  z_label: jax.Array  # the label's final logit
+  dist: jax.Array | None  # sum over classes of w_j (row_max - z_j): the smoothing sum
+  w_label: jax.Array | None  # the label's class weight
+  argmax: jax.Array | None  # global id of the largest logit
 
 
-def _over_slices(w, bias, width, body, carry):
-  """Fold ``body(carry, lo, w_slice, bias_slice)`` over the class slices of ``w``.
-
-  The full-width slices go through a ``fori_loop`` with dynamic slices, so XLA
-  cannot hoist them out of the token loop as one copy of ``w``; a narrower last
-  slice follows, statically. With one slice, ``w`` itself is the slice.
-  """
-  classes = w.shape[1]
-  if width >= classes:
-    return body(carry, 0, w, bias)
-  full = classes // width
-
-  def step(k, c):
-    lo = k * width
-    w_k = lax.dynamic_slice_in_dim(w, lo, width, axis=1)
-    b_k = None if bias is None else lax.dynamic_slice_in_dim(bias, lo, width)
-    return body(c, lo, w_k, b_k)
-
-  carry = lax.fori_loop(0, full, step, carry)
-  lo = full * width
-  if lo < classes:
-    carry = body(carry, lo, w[:, lo:], None if bias is None else bias[lo:])
-  return carry
-
-
-def _block_logits(xc, w_k, b_k, cfg, ct):
-  """Soft-capped logits of one ``[rows, slice]`` block, in the compute dtype."""
-  z = _matmul(xc, w_k, ((1,), (0,)), ct)
-  if b_k is not None:
-    z = z + b_k.astype(ct)
-  if cfg.softcap is not None:
-    z = cfg.softcap * jnp.tanh(z / cfg.softcap)
-  return z
-
-
-def _chunk_stats(xc, w, bias, yc, cfg, shards, ct):
+def _chunk_stats(xc, w, bias, cw, yc, cfg, shards, ct):
   """One sweep over the local vocabulary: running max, sum of exp, label logit, dist.
 
   Returns the statistics and, when the vocabulary is one slice, that block of
   logits (for the gradient to reuse), else None.
   """
   local_idx, here = shards.local_index(yc)
-  rows = xc.shape[0]
   single = cfg.slice_width >= w.shape[1]
+  smooth = cfg.label_smoothing > 0
 
-  def fold(carry, lo, w_k, b_k):
-    m, s, z_label, dist, _ = carry
-    z = _block_logits(xc, w_k, b_k, cfg, ct)
-    width = w_k.shape[1]
-    m_new = jnp.maximum(m, jnp.max(z, -1))
+  def fold(carry, lo, w_k, cls_k):
+    m, s, z_label, dist, seen, w_label, amax, _ = carry
+    b_k, cw_k = cls_k
+    z = block_logits(xc, w_k, b_k, cfg.logits, ct)
+    block_max = jnp.max(z, -1)
+    m_new = jnp.maximum(m, block_max)
     shift = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
     # Rescale what was summed against the old max; exp(-inf - finite) = 0 at the start.
     s = s * jnp.exp(jnp.where(jnp.isfinite(m), m, shift) - shift)
     s = s + jnp.sum(jnp.exp(z - shift[:, None]), -1)
-    if cfg.label_smoothing > 0:
-      # sum_j (m_new - z_j) = sum_j (m_old - z_j) + seen * (m_new - m_old); seen = lo
+    if smooth:
+      # sum_j w_j (m_new - z_j) = sum_j w_j (m_old - z_j) + (sum of w seen) (m_new - m_old)
       moved = jnp.where(jnp.isfinite(m), m_new - m, 0.0)
-      dist = dist + lo * moved + jnp.sum(m_new[:, None] - z, -1)
-    in_block = here & (local_idx >= lo) & (local_idx < lo + width)
-    picked = jnp.take_along_axis(z, jnp.clip(local_idx - lo, 0, width - 1)[:, None], -1)
-    z_label = jnp.where(in_block, picked[:, 0], z_label)
-    return m_new, s, z_label, dist, (z if single else None)
+      below = m_new[:, None] - z
+      if cw_k is None:
+        dist = dist + lo * moved + jnp.sum(below, -1)
+      else:
+        dist = dist + seen * moved + jnp.sum(cw_k.astype(ct) * below, -1)
+        seen = seen + jnp.sum(cw_k.astype(ct))
+    z_label = z_label + label_value(z, lo, local_idx, here)
+    if cw_k is not None:
+      w_label = w_label + label_value(
+          jnp.broadcast_to(cw_k.astype(ct), z.shape), lo, local_idx, here
+      )
+    if cfg.aux:
+      # Strictly greater: on a tie the earlier (lower) class keeps the argmax.
+      arg = lo + jnp.argmax(z, -1).astype(jnp.int32)
+      amax = jnp.where(block_max > m, arg, amax)
+    return m_new, s, z_label, dist, seen, w_label, amax, (z if single else None)
 
-  zeros = shards.varying(jnp.zeros((rows,), ct))
-  init = (shards.varying(jnp.full((rows,), -jnp.inf, ct)), zeros, zeros, zeros, None)
-  m, s, z_label, dist, block = _over_slices(w, bias, cfg.slice_width, fold, init)
+  zeros = row_zeros(xc, ct, w, bias, cw)
+  weighted = cw is not None
+  init = (
+      zeros - jnp.inf, zeros, zeros,
+      zeros if smooth else None,
+      vary_like(jnp.zeros((), ct), cw) if smooth and weighted else None,
+      zeros if weighted else None,
+      row_zeros(xc, jnp.int32, w, bias, cw) if cfg.aux else None,
+      None,
+  )
+  m, s, z_label, dist, _, w_label, amax, block = over_slices(
+      w, (bias, cw), cfg.slice_width, fold, init
+  )
   if shards.axis is not None:
     m_all = shards.pmax(m)
     s = s * jnp.exp(m - m_all)
-    dist = dist + w.shape[1] * (m_all - m)
-    s, z_label, dist = shards.psum((s, z_label, dist))
+    if smooth:
+      local_weight = w.shape[1] if cw is None else jnp.sum(cw.astype(ct))
+      dist = dist + local_weight * (m_all - m)
+    sums = shards.psum(tuple(a for a in (s, z_label, dist, w_label) if a is not None))
+    s, z_label, sums = sums[0], sums[1], list(sums[2:])
+    dist = sums.pop(0) if smooth else None
+    w_label = sums.pop(0) if weighted else None
+    if cfg.aux:
+      # The lowest global id among the shards that hold the global max.
+      big = jnp.iinfo(jnp.int32).max
+      amax = lax.pmin(jnp.where(m == m_all, amax + shards.offset, big), shards.axis)
     m = m_all
-  return _Stats(m, s, z_label, dist), block
+  return _Stats(m, s, z_label, dist, w_label, amax), block
 
 
-def _row_losses(stats: _Stats, cfg, num_classes):
-  """Per-row loss and the coefficient ``a`` of ``dz = g (a softmax - target)``."""
+def _row_losses(stats: _Stats, cfg, num_classes, weight_total):
+  """Per-row loss, lse, and the coefficient ``a`` of ``dz = g (a softmax - target)``."""
   log_sum = jnp.log(stats.sum_exp)
   lse = stats.row_max + log_sum
   eps, z = cfg.label_smoothing, cfg.z_loss
-  loss = (1.0 - eps) * (log_sum - (stats.z_label - stats.row_max))
+  w_y = 1.0 if stats.w_label is None else stats.w_label
+  # -log p_label = log_sum - (z_label - max): small numbers, no cancellation.
+  loss = (1.0 - eps) * w_y * (log_sum - (stats.z_label - stats.row_max))
+  coef = (1.0 - eps) * w_y * jnp.ones_like(lse)
   if eps > 0:
-    loss = loss + (eps / num_classes) * (num_classes * log_sum + stats.dist)
-  coef = jnp.ones_like(lse)
+    # (eps / K) sum_j w_j (lse - z_j) = (eps / K) (W log_sum + sum_j w_j (max - z_j))
+    loss = loss + (eps / num_classes) * (weight_total * log_sum + stats.dist)
+    coef = coef + (eps / num_classes) * weight_total
   if z > 0:
     loss = loss + z * jnp.square(lse)
     coef = coef + 2.0 * z * lse
   return loss, lse, coef
 
 
-def _block_dlogits(z, lse, coef, g, local_idx, here, lo, cfg, num_classes):
-  """``g * d loss / d logits`` for one block starting at class ``lo``, through the cap."""
+def _ce_dlogits(lse, coef, w_y, g, local_idx, here, cfg, num_classes):
+  """``dlogits(z, lo, (bias_k, cw_k))``: ``g * d loss / d z`` for one block."""
   eps = cfg.label_smoothing
-  dz = (g * coef)[:, None] * jnp.exp(z - lse[:, None])
-  if eps > 0:
-    dz = dz - (g * (eps / num_classes))[:, None]
-  is_label = (lo + jnp.arange(z.shape[1]) == local_idx[:, None]) & here[:, None]
-  dz = dz - jnp.where(is_label, (g * (1.0 - eps))[:, None], 0.0)
-  if cfg.softcap is not None:
-    # d/dl [c tanh(l / c)] = 1 - tanh^2 = 1 - (z / c)^2
-    dz = dz * (1.0 - jnp.square(z / cfg.softcap))
-  # Select, not multiply: an ignored token with NaN hidden states must add nothing.
-  return jnp.where((g != 0)[:, None], dz, 0.0)
+
+  def dlogits(z, lo, cls_k):
+    cw_k = cls_k[1]
+    dz = (g * coef)[:, None] * jnp.exp(z - lse[:, None])
+    if eps > 0:
+      spread = (g * (eps / num_classes))[:, None]
+      dz = dz - (spread if cw_k is None else spread * cw_k.astype(dz.dtype))
+    cols = lo + lax.broadcasted_iota(jnp.int32, (1, z.shape[1]), 1)
+    is_label = (cols == local_idx[:, None]) & here[:, None]
+    at_label = g * (1.0 - eps) * (1.0 if w_y is None else w_y)
+    return dz - jnp.where(is_label, at_label[:, None], 0.0)
+
+  return dlogits
 
 
-def _chunk_grads(xc, w, bias, yc, lse, coef, g, block, cfg, shards, ct, num_classes, acc):
-  """Add one token chunk's gradient to ``acc = (dw, db)``; return ``(dx_chunk, acc)``.
-
-  ``g`` are the row cotangents; ``block`` the forward's logits when it kept them
-  (one slice), else None and each block is recomputed. ``dx_chunk`` is this
-  shard's partial sum over its classes.
-  """
-  local_idx, here = shards.local_index(yc)
-  md = jnp.promote_types(xc.dtype, w.dtype)
-  # Rows that do not count (ignored tokens, padding) may hold NaN hidden states: as
-  # zeros they add nothing to dw (0 * NaN would add NaN to every weight).
-  x_counted = jnp.where((g != 0)[:, None], xc, 0).astype(md)
-
-  def fold(carry, lo, w_k, b_k):
-    dx, dw, db = carry
-    z = block if block is not None else _block_logits(xc, w_k, b_k, cfg, ct)
-    dz = _block_dlogits(z, lse, coef, g, local_idx, here, lo, cfg, num_classes)
-    # The matmuls take their operands in the inputs' dtype (bf16 runs at bf16 speed)
-    # and accumulate in the compute dtype.
-    dz_m = dz.astype(md)
-    dx = dx + _matmul(dz_m, w_k, ((1,), (1,)), ct)
-    dw_k = _matmul(x_counted, dz_m, ((0,), (0,)), ct)
-    dw = lax.dynamic_update_slice_in_dim(
-        dw, lax.dynamic_slice_in_dim(dw, lo, dw_k.shape[1], axis=1) + dw_k, lo, axis=1
-    )
-    if db is not None:
-      db_k = jnp.sum(dz, 0)
-      db = lax.dynamic_update_slice_in_dim(
-          db, lax.dynamic_slice_in_dim(db, lo, db_k.shape[0]) + db_k, lo, axis=0
-      )
-    return dx, dw, db
-
-  dx = shards.varying(jnp.zeros(xc.shape, ct))
-  dx, dw, db = _over_slices(w, bias, cfg.slice_width, fold, (dx, *acc))
-  return dx, (dw, db)
+def _weight_total(cw, shards, ct):
+  """``sum_j w_j`` over the global vocabulary (``K`` without class weights)."""
+  if cw is None:
+    return shards.num_classes
+  return shards.psum((jnp.sum(cw.astype(ct)),))[0]
 
 
-def _scan_chunks(x2, w, bias, labels, counts, cfg, with_grad, g_rows=None, saved=None):
-  """Walk the token chunks. Returns per-row (loss, lse, coef) and, with_grad, (dx, dw, db).
+def _scan(x2, w, bias, cw, labels, sc, cfg, with_grad, saved=None):
+  """Walk the token chunks.
 
-  ``g_rows`` are per-row cotangents (the ``"none"`` backward); without them the
-  gradient is that of the plain sum of the counted rows' losses. ``saved`` is the
-  forward's per-row ``(lse, coef)`` for a backward pass that needs no statistics.
+  Returns per-row ``(loss, lse, coef, w_label, argmax)`` (None where not tracked) and,
+  with_grad, the partial ``(dx, dw, db)``. ``sc`` are the per-row cotangents: the
+  token weights (0 where a row does not count, NaN where its label is out of range),
+  times the caller's cotangents in the ``"none"`` backward. ``saved`` is the
+  forward's per-row ``(lse, coef, w_label)`` for a backward pass that needs no
+  statistics.
   """
   ct = _dtypes.compute_dtype(jnp.promote_types(x2.dtype, w.dtype))
   shards = VocabShards(cfg.vocab_axis, w.shape[1], sharded=w)
   num_classes = shards.num_classes
-  rows = cfg.rows
-  chunks = x2.shape[0] // rows
-  split = lambda a: a.reshape((chunks, rows, *a.shape[1:]))
-  in_range = (labels >= 0) & (labels < num_classes)
-  # Out-of-range labels cannot raise under jit: that row's loss and gradient are NaN.
-  scale = jnp.where(counts, jnp.where(in_range, 1.0, jnp.nan), 0.0).astype(ct)
-  if g_rows is not None:
-    scale = scale * shards.full_cotangent(g_rows.astype(ct))
-  xs = [split(x2), split(labels), split(scale)]
-  if saved is not None:
-    xs += [split(saved[0]), split(saved[1])]
+  weight_total = _weight_total(cw, shards, ct)
+  tokens = Tokens.make(x2.shape[0], cfg.rows, token_shards(x2))
+  x_cols = tokens.columns(x2)
+  per_token = (labels, sc) if saved is None else (labels, sc, *saved)
 
-  def body(carry, inputs):
-    xc, yc, sc = inputs[:3]
+  def body(carry, c, rows_in):
+    yc, scc = rows_in[:2]
+    xc = take_chunk(x_cols, c)
     if saved is None:
-      stats, block = _chunk_stats(xc, w, bias, yc, cfg, shards, ct)
-      loss, lse, coef = _row_losses(stats, cfg, num_classes)
-      # 0 where the row does not count; NaN (from sc) where its label is out of range.
-      loss = jnp.where(sc == 0, 0.0, jnp.where(jnp.isnan(sc), jnp.nan, loss))
+      stats, block = _chunk_stats(xc, w, bias, cw, yc, cfg, shards, ct)
+      loss, lse, coef = _row_losses(stats, cfg, num_classes, weight_total)
+      # 0 where the row does not count; NaN (from scc) where its label is out of range.
+      loss = jnp.where(scc == 0, 0.0, loss * scc)
+      w_label, amax = stats.w_label, stats.argmax
     else:
-      lse, coef = inputs[3:]
-      loss, block = jnp.zeros_like(lse), None
+      lse, coef = rows_in[2:4]
+      w_label = rows_in[4] if len(rows_in) > 4 else None
+      loss, amax, block = None, None, None
+    outs = (loss, lse, coef, w_label, amax)
     if not with_grad:
-      return carry, (loss, lse, coef)
-    dx, carry = _chunk_grads(
-        xc, w, bias, yc, lse, coef, sc, block, cfg, shards, ct, num_classes, carry
+      return carry, outs
+    dx_cols, acc = carry
+    local_idx, here = shards.local_index(yc)
+    dlogits = _ce_dlogits(lse, coef, w_label, scc, local_idx, here, cfg, num_classes)
+    dxc, acc = grad_sweep(
+        xc, w, (bias, cw), block, cfg.logits, cfg.slice_width, dlogits, scc != 0, ct, acc
     )
-    return carry, (loss, lse, coef, dx)
+    return (put_chunk(dx_cols, c, dxc), acc), outs
 
   init = None
   if with_grad:
-    # zeros_like keeps the operands' sharding type inside shard_map.
-    init = (jnp.zeros_like(w, ct), None if bias is None else jnp.zeros_like(bias, ct))
-  carry, outs = lax.scan(body, init, tuple(xs))
-  flat = [o.reshape((-1, *o.shape[2:])) for o in outs]
+    # Without vocab shards a chunk's dx is whole once its sweep is done: keep it in x's
+    # dtype. Partial sums over vocab shards stay in the compute dtype until summed.
+    dx_dtype = x2.dtype if cfg.vocab_axis is None else ct
+    dx_cols = vary_like(jnp.zeros_like(x_cols, dx_dtype), x_cols, w, bias, cw)
+    init = (dx_cols, grad_accumulators(x_cols, w, bias, ct))
+  carry, rows_out = scan_chunks(tokens, per_token, body, init)
   if not with_grad:
-    return tuple(flat), None
-  # Every vocabulary shard holds part of each token's dx: at most one psum for all.
-  dx = shards.replicated_cotangent(flat[3])
-  return tuple(flat[:3]), (dx, *carry)
+    return rows_out, None
+  dx_cols, (dw, db) = carry
+  # Per-device partials: each vocabulary shard holds part of each token's dx, each token
+  # shard part of dw and db. The callers sum them (``_cotangents``) once scaled.
+  return rows_out, (tokens.uncolumned(dx_cols), dw, db)
+
+
+def _cotangents(partials, x2, w, bias, cfg):
+  """``(dx, dw, db)`` from per-device partials, summed over the axes each input is
+  replicated over (one psum each; none outside shard_map or with check_vma=False),
+  in the inputs' dtypes."""
+  dx, dw, db = partials
+  dx = cotangent_like(dx, x2).astype(cfg.x_dtype)
+  dw = cotangent_like(dw, w).astype(cfg.w_dtype)
+  db = None if db is None else cotangent_like(db, bias).astype(cfg.b_dtype)
+  return dx, dw, db
+
+
+def _monitors(rows_out):
+  """What the public function needs besides the loss: ``(lse, w_label, argmax)``."""
+  _, lse, _, w_label, amax = rows_out
+  return lse, w_label, amax
 
 
 # --------------------------------------------------------------- the two custom_vjps
+#
+# Both return the loss and the per-row monitors (lse, label weight, argmax). The
+# monitors carry no gradient: the caller stops it, and the rules ignore their cotangents.
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _summed(x2, w, bias, labels, counts, cfg):
-  (loss, _, _), _ = _scan_chunks(x2, w, bias, labels, counts, cfg, with_grad=False)
-  return jnp.sum(loss)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _summed(x2, w, bias, cw, labels, sc, cfg):
+  rows_out, _ = _scan(x2, w, bias, cw, labels, sc, cfg, with_grad=False)
+  return jnp.sum(rows_out[0]), _monitors(rows_out)
 
 
-def _summed_fwd(x2, w, bias, labels, counts, cfg):
-  (loss, _, _), grads = _scan_chunks(x2, w, bias, labels, counts, cfg, with_grad=True)
-  # Residuals: dx, dw, db, the size of the inputs (not of the logits).
-  return jnp.sum(loss), grads
+def _summed_fwd(x2, w, bias, cw, labels, sc, cfg):
+  rows_out, grads = _scan(x2, w, bias, cw, labels, sc, cfg, with_grad=True)
+  # Residuals: the partial dx, dw, db, the size of the inputs (not of the logits), and
+  # the inputs themselves (no copies) for their types.
+  return (jnp.sum(rows_out[0]), _monitors(rows_out)), (grads, x2, w, bias)
 
 
-def _summed_bwd(cfg, grads, g):
-  dx, dw, db = grads
-  g = VocabShards(cfg.vocab_axis, dw.shape[1], sharded=dw).full_cotangent(g.astype(dx.dtype))
-  db = None if db is None else (g * db).astype(cfg.b_dtype)
-  return (g * dx).astype(cfg.x_dtype), (g * dw).astype(cfg.w_dtype), db, None, None
+def _summed_bwd(cfg, res, cts):
+  g = cts[0]
+  (dx, dw, db), x2, w, bias = res
+  g = VocabShards(cfg.vocab_axis, dw.shape[1], sharded=dw).full_cotangent(g.astype(dw.dtype))
+  # Scale before summing over devices: on a (data, vocab) mesh each token shard has a
+  # cotangent of its own.
+  scaled = (g.astype(dx.dtype) * dx, g * dw, None if db is None else g * db)
+  return (*_cotangents(scaled, x2, w, bias, cfg), None, None, None)
 
 
 _summed.defvjp(_summed_fwd, _summed_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _per_token(x2, w, bias, labels, counts, cfg):
-  (loss, _, _), _ = _scan_chunks(x2, w, bias, labels, counts, cfg, with_grad=False)
-  return loss
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _per_token(x2, w, bias, cw, labels, sc, cfg):
+  rows_out, _ = _scan(x2, w, bias, cw, labels, sc, cfg, with_grad=False)
+  return rows_out[0], _monitors(rows_out)
 
 
-def _per_token_fwd(x2, w, bias, labels, counts, cfg):
-  (loss, lse, coef), _ = _scan_chunks(x2, w, bias, labels, counts, cfg, with_grad=False)
-  return loss, (x2, w, bias, labels, counts, lse, coef)
+def _per_token_fwd(x2, w, bias, cw, labels, sc, cfg):
+  rows_out, _ = _scan(x2, w, bias, cw, labels, sc, cfg, with_grad=False)
+  loss, lse, coef, w_label, _ = rows_out
+  saved = (lse, coef) if w_label is None else (lse, coef, w_label)
+  return (loss, _monitors(rows_out)), (x2, w, bias, cw, labels, sc, saved)
 
 
-def _per_token_bwd(cfg, res, g):
-  x2, w, bias, labels, counts, lse, coef = res
-  _, (dx, dw, db) = _scan_chunks(
-      x2, w, bias, labels, counts, cfg, with_grad=True, g_rows=g, saved=(lse, coef)
-  )
-  db = None if db is None else db.astype(cfg.b_dtype)
-  return dx.astype(cfg.x_dtype), dw.astype(cfg.w_dtype), db, None, None
+def _per_token_bwd(cfg, res, cts):
+  x2, w, bias, cw, labels, sc, saved = res
+  shards = VocabShards(cfg.vocab_axis, w.shape[1], sharded=w)
+  sc = sc * shards.full_cotangent(cts[0].astype(sc.dtype))
+  _, partials = _scan(x2, w, bias, cw, labels, sc, cfg, with_grad=True, saved=saved)
+  return (*_cotangents(partials, x2, w, bias, cfg), None, None, None)
 
 
 _per_token.defvjp(_per_token_fwd, _per_token_bwd)
@@ -335,37 +361,65 @@ def linear_softmax_cross_entropy(
     labels: ArrayLike,
     *,
     bias: ArrayLike | None = None,
+    where: ArrayLike | None = None,
+    weights: ArrayLike | None = None,
+    class_weights: ArrayLike | None = None,
     ignore_index: int | None = None,
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     logit_softcap: float | None = None,
+    temperature: float = 1.0,
     reduction: str = "mean",
+    return_aux: bool = False,
     chunk_size: int | tuple[int, int] | None = None,
     vocab_axis: str | None = None,
-) -> jax.Array:
+):
   r"""Softmax cross-entropy of ``x @ w (+ bias)`` without ever forming the logits.
 
-  Equal to ``softmax_cross_entropy_with_integer_labels(x @ w + bias, labels, ...)``
-  (PyTorch's semantics for ``ignore_index`` and ``label_smoothing``; ``z_loss``
-  adds ``z * logsumexp**2``), but the ``[tokens, classes]`` logits exist only one
-  ``[chunk, slice]`` block at a time. ``logit_softcap=c`` applies Gemma 2's
-  ``c * tanh(logits / c)`` before the softmax, with its chain-rule factor
-  ``1 - tanh^2`` in the gradient.
+  With logits :math:`z = \mathrm{cap}((x w + b) / T)` (``cap(u) = c tanh(u / c)``
+  for ``logit_softcap=c``, Gemma 2's, else the identity), class weights
+  :math:`c_j` (all 1 by default), smoothing :math:`\varepsilon` over the :math:`K`
+  classes and :math:`\log p = \mathrm{log\_softmax}(z)`, token :math:`i` with label
+  :math:`y` and weight :math:`u_i` (``weights``, 1 by default) has the loss
+
+  .. math::
+    \ell_i = u_i \Big[ (1 - \varepsilon)\, c_y (-\log p_y)
+         + \frac{\varepsilon}{K} \sum_j c_j (-\log p_j)
+         + z_{\mathrm{loss}} \cdot \mathrm{logsumexp}(z)^2 \Big]
+
+  the same as ``softmax_cross_entropy_with_integer_labels(z, labels, ...)``
+  (PyTorch's semantics for ``ignore_index``, ``label_smoothing`` and class
+  ``weight``), but the ``[tokens, classes]`` logits exist only one
+  ``[chunk, slice]`` block at a time. The gradient has the chain-rule factors of
+  the temperature and of the cap (``1 - tanh^2``).
+
+  Tokens that do not count (``where`` False, label ``ignore_index``, padding) get
+  loss 0 and gradient 0, are left out of the mean, and NaN hidden states on them
+  never reach ``dw``. ``reduction="mean"`` divides :math:`\sum_i \ell_i` over the
+  counted tokens by :math:`\sum_i u_i c_{y_i}` over them (PyTorch's rule; the
+  number of counted tokens without weights); a mean over zero total weight is 0.
+  ``"none"`` returns each :math:`\ell_i` (0 where not counted). A label outside
+  ``[0, K)`` that is not ``ignore_index`` raises ``ValueError`` when ``labels`` is
+  concrete; under ``jit`` that token's loss and gradient are NaN.
 
   Work: for ``"mean"``/``"sum"`` the forward pass computes the gradients too, so
-  value-and-grad costs the three matmuls of the unfused version; a forward pass
-  alone (no differentiation) costs one. ``"none"`` costs four under
-  differentiation. Memory: ``O(chunk * slice)`` for the blocks, plus ``dw`` in
-  float32 and ``dx``.
+  value-and-grad costs the three matmuls of the unfused version when the
+  vocabulary is one slice; a forward pass alone (no differentiation) costs one.
+  Several slices, or ``"none"``, cost four under differentiation. Memory:
+  ``O(chunk * slice + D * slice + chunk * D)`` for the blocks, plus ``dw`` in
+  float32 and ``dx`` (in ``x``'s dtype, float32 with ``vocab_axis``).
 
-  Chunking (``chunk_size=None``): a block of float32 logits takes at most
-  ``BLOCK_BYTES`` (32 MiB). The slice is the whole vocabulary when 128 rows of it
-  fit (up to 65536 classes), otherwise the widest multiple of 128 classes that
-  does; the rows then fill the block, as a multiple of 8. An int ``chunk_size``
-  sets the rows (the slice stays the whole vocabulary); a pair ``(rows, slice)``
-  sets both. Tokens are padded to a whole number of chunks; padded rows count for
-  nothing. A last, narrower slice is used as it is: no padded class ever enters a
-  softmax.
+  Chunking (``chunk_size=None``, see ``jaxactv._linear_blocks.default_chunks``):
+  every block takes a fixed budget whatever ``D`` is: a ``[rows, slice]`` block of
+  float32 logits and a ``[rows, D]`` chunk of ``x`` at most 32 MiB each, a
+  ``[D, slice]`` slice of ``w`` (and of ``dw``) at most 64 MiB in float32. The
+  slice is the whole vocabulary when that allows 128 rows, else the widest
+  multiple of 128 classes that fits; the rows then fill the blocks, as a multiple
+  of 8. An int ``chunk_size`` sets the rows (the slice stays the whole vocabulary);
+  a pair ``(rows, slice)`` sets both. Chunks are strided columns of the tokens, so
+  a token axis sharded over a mesh axis stays sharded: each device computes its
+  own tokens. Tokens are padded to a whole number of chunks; a last, narrower
+  slice is used as it is: no padded class ever enters a softmax.
 
   Args:
     x: ``[..., D]`` hidden states (any float dtype; bfloat16 is the usual case).
@@ -373,28 +427,103 @@ def linear_softmax_cross_entropy(
       device's contiguous ``[D, V / shards]`` slice).
     labels: integer class ids of shape ``x.shape[:-1]`` (global ids).
     bias: optional ``[V]`` bias (the local slice with ``vocab_axis``).
-    ignore_index: a label value whose tokens are ignored (loss 0, no gradient,
-      left out of the mean).
+    where: optional boolean mask of ``labels``' shape: False tokens count for
+      nothing (optax's ``where``, MaxText's segmentation mask).
+    weights: optional float per-token weights of ``labels``' shape, constants
+      (Levanter's ``weight``): the loss is :math:`\sum_i u_i \ell_i`.
+    class_weights: optional ``[V]`` class weights, constants (the local slice with
+      ``vocab_axis``).
+    ignore_index: a label value whose tokens are ignored.
     label_smoothing: ``eps`` in ``[0, 1]``, spread uniformly over all ``V``
       classes (over the global vocabulary when sharded).
     z_loss: coefficient of the ``logsumexp**2`` auxiliary term.
-    logit_softcap: ``c > 0`` or None.
-    reduction: ``"mean"`` (default, over the counted tokens), ``"sum"`` or
-      ``"none"``.
+    logit_softcap: ``c > 0`` or None, applied after the temperature.
+    temperature: ``T > 0``, a static Python float.
+    reduction: ``"mean"`` (default), ``"sum"`` or ``"none"``.
+    return_aux: also return a :class:`LinearCrossEntropyAux` of per-token
+      monitors (logsumexp, argmax, the z-loss term), which carry no gradient.
     chunk_size: None, rows per chunk, or ``(rows, classes per slice)``.
     vocab_axis: inside ``jax.shard_map``, the mesh axis over which ``w``'s class
-      dimension (and ``bias``) is split; row maxima are combined with ``pmax``, the
-      sums with one ``psum``, ``dx`` with one ``psum``. Never gathered.
+      dimension (and ``bias``, ``class_weights``) is split; row maxima are combined
+      with ``pmax``, the sums with one ``psum``, ``dx`` with one ``psum``. Never
+      gathered.
 
   Returns:
-    float32 (float64 for float64 inputs) loss: a scalar, or ``x.shape[:-1]``.
+    float32 (float64 for float64 inputs) loss: a scalar, or ``x.shape[:-1]``; with
+    ``return_aux``, ``(loss, aux)``.
   """
   check_reduction(reduction)
   check_smoothing_and_z(label_smoothing, z_loss)
+  x, w, labels_in, labels, bias = _check_linear_inputs(x, w, labels, bias, "labels")
+  logits = logits_spec(logit_softcap, temperature)
+  if not isinstance(return_aux, bool):
+    raise TypeError(f"return_aux must be a bool; got {return_aux!r}.")
+  if ignore_index is not None and not isinstance(ignore_index, (int, np.integer)):
+    raise TypeError(f"ignore_index must be an int or None; got {ignore_index!r}.")
+  shards = VocabShards(vocab_axis, w.shape[1])  # outside shard_map, a vocab_axis fails here
+  if class_weights is not None:
+    class_weights = jnp.asarray(class_weights)
+    if class_weights.shape != (w.shape[1],):
+      raise ValueError(
+          f"class_weights must have shape ({w.shape[1]},), one weight per class of w "
+          f"{w.shape} (the local slice with vocab_axis); got {class_weights.shape}."
+      )
+  if vocab_axis is None:
+    check_concrete_labels(labels_in, w.shape[1], ignore_index)
+
+  num_tokens = math.prod(x.shape[:-1])
+  rows, width = chunk_sizes(chunk_size, num_tokens, w.shape[1], w.shape[0])
+  x2 = x.reshape(num_tokens, x.shape[-1])
+  ct = _dtypes.compute_dtype(jnp.promote_types(x.dtype, w.dtype))
+  flat_labels = like_tokens(labels.reshape(num_tokens), x2)
+  counts = token_mask(where, labels.shape, x2)
+  if ignore_index is not None:
+    counts = counts & (flat_labels != ignore_index)
+  token_w = token_weights(weights, labels.shape, x2, ct)
+  in_range = (flat_labels >= 0) & (flat_labels < shards.num_classes)
+  # Out-of-range labels cannot raise under jit: that row's loss and gradient are NaN.
+  sc = jnp.where(counts, jnp.where(in_range, token_w, jnp.nan), 0.0).astype(ct)
+  cfg = _Config(
+      float(label_smoothing), float(z_loss), logits, rows, width, vocab_axis,
+      return_aux, x.dtype, w.dtype, None if bias is None else bias.dtype,
+  )
+  bias, class_weights = like_classes(bias, w), like_classes(class_weights, w)
+  op = _per_token if reduction == "none" else _summed
+  out, monitors = op(x2, w, bias, class_weights, flat_labels, sc, cfg)
+  lse, w_label, amax = lax.stop_gradient(monitors)
+  z_rows = None
+  if return_aux:
+    z_rows = jnp.where(sc == 0, 0.0, float(z_loss) * jnp.square(lse) * sc)
+  if reduction == "none":
+    loss = out.reshape(labels.shape)
+    z_term = None if z_rows is None else z_rows.reshape(labels.shape)
+  else:
+    loss, z_term = out, None if z_rows is None else jnp.sum(z_rows)
+    if reduction == "mean":
+      counted = jnp.where(counts, token_w, 0.0)
+      if w_label is not None:
+        counted = counted * w_label
+      denom = jnp.sum(counted).astype(out.dtype)[None]
+      loss = reduce_losses(out[None], "mean", denom)
+      if z_term is not None:
+        z_term = reduce_losses(z_term[None], "mean", denom)
+  if not return_aux:
+    return loss
+  aux = LinearCrossEntropyAux(
+      lse.reshape(labels.shape), amax.reshape(labels.shape).astype(jnp.int32), z_term
+  )
+  return loss, aux
+
+
+# ------------------------------------------------------- checks shared with log-probs
+
+
+def _check_linear_inputs(x, w, labels, bias, name):
+  """``x``, ``w``, the ids (as given and as an array) and ``bias``, checked."""
   x, w = jnp.asarray(x), jnp.asarray(w)
-  for name, a in (("x", x), ("w", w)):
+  for arg, a in (("x", x), ("w", w)):
     if not jnp.issubdtype(a.dtype, jnp.floating):
-      raise TypeError(f"{name} must be a floating array; got dtype {a.dtype}.")
+      raise TypeError(f"{arg} must be a floating array; got dtype {a.dtype}.")
   if x.ndim < 1 or w.ndim != 2 or x.shape[-1] != w.shape[0]:
     raise ValueError(
         f"x of shape {x.shape} and w of shape {w.shape} do not fit: x must be [..., D] "
@@ -402,10 +531,10 @@ def linear_softmax_cross_entropy(
     )
   labels_in, labels = labels, jnp.asarray(labels)
   if not jnp.issubdtype(labels.dtype, jnp.integer):
-    raise TypeError(f"labels must be integer class ids; got dtype {labels.dtype}.")
+    raise TypeError(f"{name} must be integer class ids; got dtype {labels.dtype}.")
   if labels.shape != x.shape[:-1]:
     raise ValueError(
-        f"labels of shape {labels.shape} do not match x of shape {x.shape}: they must "
+        f"{name} of shape {labels.shape} do not match x of shape {x.shape}: they must "
         f"have x's leading shape {x.shape[:-1]}."
     )
   if bias is not None:
@@ -413,51 +542,42 @@ def linear_softmax_cross_entropy(
     if bias.shape != (w.shape[1],):
       raise ValueError(f"bias must have shape ({w.shape[1]},) to match w {w.shape}; "
                        f"got {bias.shape}.")
+  return x, w, labels_in, labels, bias
+
+
+def logits_spec(logit_softcap, temperature) -> LogitsSpec:
+  """The checked static ``(1 / temperature, logit_softcap)``."""
   if logit_softcap is not None:
-    if isinstance(logit_softcap, jax.core.Tracer) or not float(logit_softcap) > 0:
+    if (isinstance(logit_softcap, (jax.core.Tracer, bool))
+        or not float(logit_softcap) > 0):
       raise ValueError(f"logit_softcap must be a positive Python float or None; "
                        f"got {logit_softcap!r}.")
     logit_softcap = float(logit_softcap)
-  VocabShards(vocab_axis, w.shape[1])  # outside shard_map, a vocab_axis fails here, clearly
-  if vocab_axis is None:
-    check_concrete_labels(labels_in, w.shape[1], ignore_index)
-
-  num_tokens = math.prod(x.shape[:-1])
-  rows, width = _chunk_sizes(chunk_size, num_tokens, w.shape[1])
-  x2 = x.reshape(num_tokens, x.shape[-1])
-  flat_labels = labels.reshape(num_tokens)
-  counts = jnp.ones((num_tokens,), bool) if ignore_index is None else flat_labels != ignore_index
-  pad = -num_tokens % rows
-  if pad:
-    x2 = jnp.pad(x2, ((0, pad), (0, 0)))
-    flat_labels = jnp.pad(flat_labels, (0, pad))
-    counts = jnp.pad(counts, (0, pad))
-  cfg = _Config(
-      float(label_smoothing), float(z_loss), logit_softcap, rows, width, vocab_axis,
-      x.dtype, w.dtype, None if bias is None else bias.dtype,
-  )
-  if reduction == "none":
-    losses = _per_token(x2, w, bias, flat_labels, counts, cfg)
-    return losses[:num_tokens].reshape(x.shape[:-1])
-  total = _summed(x2, w, bias, flat_labels, counts, cfg)
-  if reduction == "sum":
-    return total
-  return reduce_losses(total[None], "mean", jnp.sum(counts)[None].astype(total.dtype))
+  if (isinstance(temperature, (jax.core.Tracer, bool)) or np.ndim(temperature) != 0
+      or not np.isfinite(float(temperature)) or not float(temperature) > 0):
+    raise ValueError(
+        f"temperature must be a positive, finite Python float (static); got {temperature!r}."
+    )
+  return LogitsSpec(1.0 / float(temperature), logit_softcap)
 
 
-def _chunk_sizes(chunk_size, num_tokens: int, classes: int) -> tuple[int, int]:
-  if chunk_size is None:
-    return default_chunks(num_tokens, classes)
-  if isinstance(chunk_size, (int, np.integer)) and not isinstance(chunk_size, bool):
-    rows, width = int(chunk_size), classes
-  elif (
-      isinstance(chunk_size, tuple)
-      and len(chunk_size) == 2
-      and all(isinstance(c, (int, np.integer)) for c in chunk_size)
-  ):
-    rows, width = (int(c) for c in chunk_size)
-  else:
-    raise TypeError(f"chunk_size must be None, an int or a pair of ints; got {chunk_size!r}.")
-  if rows < 1 or width < 1:
-    raise ValueError(f"chunk_size must be >= 1 (rows and classes); got {chunk_size!r}.")
-  return rows, min(width, classes)
+def token_mask(where, shape, x2) -> jax.Array:
+  """``where`` (boolean, ``shape``) flattened and sharded like the tokens; all True if None."""
+  if where is None:
+    return like_tokens(jnp.ones((x2.shape[0],), bool), x2)
+  where = as_bool(where)
+  if where.shape != shape:
+    raise ValueError(f"where of shape {where.shape} must have the labels' shape {shape}.")
+  return like_tokens(where.reshape(-1), x2)
+
+
+def token_weights(weights, shape, x2, ct):
+  """Per-token ``weights`` (constants) flattened and sharded like the tokens; 1 if None."""
+  if weights is None:
+    return jnp.ones((), ct)
+  weights = jnp.asarray(weights)
+  if not jnp.issubdtype(weights.dtype, jnp.floating):
+    raise TypeError(f"weights must be a floating array; got dtype {weights.dtype}.")
+  if weights.shape != shape:
+    raise ValueError(f"weights of shape {weights.shape} must have the labels' shape {shape}.")
+  return like_tokens(lax.stop_gradient(weights).reshape(-1).astype(ct), x2)

@@ -6,6 +6,10 @@ their number, or, with class weights, the sum of the weights of their target
 classes (PyTorch's rule). Ignored and masked examples weigh 0. When the weights
 sum to 0 (nothing counts, or every counted target's class weight is 0), the mean
 is 0 and so is its gradient, where PyTorch returns NaN.
+
+The denominator is differentiated like the rest: with class weights it depends on
+them, and ``d mean / d w`` is the true derivative (PyTorch refuses to differentiate
+with respect to ``weight``).
 """
 
 from __future__ import annotations
@@ -31,6 +35,9 @@ def reduce_losses(
   if reduction == "sum":
     return total
   denom = jnp.asarray(losses.size, losses.dtype) if weights is None else jnp.sum(weights)
-  denom = jax.lax.stop_gradient(denom).astype(losses.dtype)
-  return jnp.where(denom == 0, 0.0, total / jnp.where(denom == 0, 1.0, denom))
+  denom = denom.astype(losses.dtype)
+  # Both operands selected: with no weight, even an infinite total (and its gradient)
+  # gives 0, and no 0 * inf is formed in the backward pass.
+  empty = denom == 0
+  return jnp.where(empty, 0.0, jnp.where(empty, 0.0, total) / jnp.where(empty, 1.0, denom))
 

@@ -6,6 +6,9 @@ value ``e^-|x|`` is far above float32's smallest number. Both rules here keep th
 input ``x`` as their only residual and rebuild the gradient from
 ``s = sigmoid(-|x|)``, which lies in ``(0, 1/2]``: it keeps full relative precision
 down to ``|x|`` ~ 87 and ``1 - s`` never cancels.
+
+The ``_fwd`` rules compute their output with plain code rather than by calling the
+custom_vjp, so forward-over-reverse (``jax.hessian``) differentiates through them.
 """
 
 from __future__ import annotations
@@ -51,13 +54,18 @@ def sigmoid_derivative(x: jax.Array) -> jax.Array:
 # ----------------------------------------------------------------------------- sigmoid
 
 
-@jax.custom_vjp
-def _sigmoid(x: jax.Array) -> jax.Array:
+def _sigmoid_value(x: jax.Array) -> jax.Array:
   return stable_sigmoid(x.astype(_dtypes.compute_dtype(x.dtype))).astype(x.dtype)
 
 
+@jax.custom_vjp
+def _sigmoid(x: jax.Array) -> jax.Array:
+  return _sigmoid_value(x)
+
+
 def _sigmoid_fwd(x):
-  return _sigmoid(x), (x,)
+  # Plain code, not _sigmoid itself: an outer jvp (jax.hessian) must see through it.
+  return _sigmoid_value(x), (x,)
 
 
 def _sigmoid_bwd(res, g):
@@ -87,9 +95,10 @@ def sigmoid(x: ArrayLike) -> jax.Array:
   NaN stays NaN. bfloat16/float16 inputs are computed in float32 and returned in the
   input dtype; integer inputs are promoted to the default float dtype.
 
-  The rule keeps one residual, the input ``x`` itself. It is a ``jax.custom_vjp``, so
-  forward-mode autodiff (``jax.jvp``, ``jax.jacfwd``, ``jax.hessian``) is not
-  available; use :func:`jaxactv.reference.sigmoid` for that.
+  The rule keeps one residual, the input ``x`` itself. It is a ``jax.custom_vjp``:
+  reverse mode, reverse-over-reverse and forward-over-reverse (``jax.hessian``,
+  ``jax.jvp`` of ``jax.grad``) work; pure forward mode (``jax.jvp``, ``jax.jacfwd``
+  of the op itself) does not: use :func:`jaxactv.reference.sigmoid` for that.
 
   Args:
     x: input array of any shape.
@@ -103,13 +112,18 @@ def sigmoid(x: ArrayLike) -> jax.Array:
 # ------------------------------------------------------------------------- log_sigmoid
 
 
-@jax.custom_vjp
-def _log_sigmoid(x: jax.Array) -> jax.Array:
+def _log_sigmoid_value(x: jax.Array) -> jax.Array:
   return stable_log_sigmoid(x.astype(_dtypes.compute_dtype(x.dtype))).astype(x.dtype)
 
 
+@jax.custom_vjp
+def _log_sigmoid(x: jax.Array) -> jax.Array:
+  return _log_sigmoid_value(x)
+
+
 def _log_sigmoid_fwd(x):
-  return _log_sigmoid(x), (x,)
+  # Plain code, not _log_sigmoid itself: an outer jvp (jax.hessian) must see through it.
+  return _log_sigmoid_value(x), (x,)
 
 
 def _log_sigmoid_bwd(res, g):
@@ -136,8 +150,9 @@ def log_sigmoid(x: ArrayLike) -> jax.Array:
   and ``log_sigmoid(-inf) = -inf``, gradients 0 and 1; NaN stays NaN.
   bfloat16/float16 inputs are computed in float32 and returned in the input dtype.
 
-  The rule keeps one residual, the input ``x``. Forward-mode autodiff is not
-  available on this ``jax.custom_vjp``; use :func:`jaxactv.reference.log_sigmoid`.
+  The rule keeps one residual, the input ``x``. Reverse mode and forward-over-reverse
+  (``jax.hessian``) work on this ``jax.custom_vjp``; pure forward mode does not: use
+  :func:`jaxactv.reference.log_sigmoid`.
 
   Args:
     x: input array of any shape.

@@ -12,8 +12,18 @@ All three share one normaliser, :func:`normalize`, and share one edge-case polic
 * A NaN logit turns its own row into NaN and no other.
 
 Every rule keeps at most one residual the size of its input: softmax and
-log_softmax keep their output; logsumexp keeps its input ``x``. A ``where`` mask,
-when given, is the caller's own array and is kept as it is; the rest is per row.
+log_softmax keep their output; logsumexp keeps its input ``x`` (and ``b``). A
+``where`` mask, when given, is the caller's own array and is kept as it is; the
+rest is per row.
+
+Autodiff: each op is a ``jax.custom_vjp``. Reverse mode (``grad``, ``vjp``,
+``jacrev``), reverse-over-reverse and forward-over-reverse (``jax.hessian``,
+``jax.jvp`` of ``jax.grad``: Hessian-vector products) work. The last needs every
+``_fwd`` rule to compute its output with plain JAX code, never by calling the
+custom_vjp itself: an outer ``jvp`` then differentiates the forward pass and the
+backward pass like any other code. Pure forward mode (``jax.jvp``, ``jax.jacfwd``
+or ``jax.linearize`` of the op itself) is impossible on a custom_vjp; use the
+twins in :mod:`jaxactv.reference`.
 
 The reductions' inputs are plain arithmetic (``min``, ``exp``): XLA fuses those
 into its reduction kernels, where a per-element select would break the fusion on
@@ -23,6 +33,7 @@ XLA:CPU. Selects appear only in elementwise outputs, where they cost nothing.
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import jax
@@ -31,7 +42,9 @@ from jax import lax
 from jax.typing import ArrayLike
 
 from jaxactv import _dtypes
-from jaxactv._validation import Axis, as_activation_input, as_mask, canonical_axes
+from jaxactv._arith import sum_to_shape
+from jaxactv._sharding import like_logits
+from jaxactv._validation import Axis, as_activation_input, as_mask, broadcasts_to, canonical_axes
 
 
 def mask_logits(x: jax.Array, where: jax.Array | None) -> jax.Array:
@@ -102,23 +115,30 @@ def normalize(x: jax.Array, axes: tuple[int, ...]) -> Normalized:
   return Normalized(x, row_max, offset, sum_exp)
 
 
-def _prepare(x, axis, where):
+def _prepare(x, axis, where, allow_empty=False):
   x = as_activation_input(x)
-  axes = canonical_axes(axis, x.ndim)
-  return x, axes, as_mask(where, x.shape)
+  # The result does not depend on the order of the axes: sort them so that (1, 2) and
+  # (2, 1) share one compiled function.
+  axes = tuple(sorted(canonical_axes(axis, x.ndim, allow_empty=allow_empty)))
+  return x, axes, like_logits(as_mask(where, x.shape), x)
 
 
 # ----------------------------------------------------------------------------- softmax
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _softmax(x, where, axes):
+def _softmax_value(x, where, axes):
   ct = _dtypes.compute_dtype(x.dtype)
   return normalize(mask_logits(x.astype(ct), where), axes).probs().astype(x.dtype)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _softmax(x, where, axes):
+  return _softmax_value(x, where, axes)
+
+
 def _softmax_fwd(x, where, axes):
-  y = _softmax(x, where, axes)
+  # Plain code, not _softmax itself: an outer jvp (jax.hessian) must see through it.
+  y = _softmax_value(x, where, axes)
   return y, (y,)
 
 
@@ -149,9 +169,10 @@ def softmax(x: ArrayLike, axis: Axis = -1, where: ArrayLike | None = None) -> ja
   gives NaN); NaN poisons its own row only. bfloat16/float16 inputs are computed
   in float32 and returned in the input dtype.
 
-  The rule keeps one residual, the output. It is a ``jax.custom_vjp``: forward mode
-  (``jax.jvp``, ``jax.jacfwd``, ``jax.hessian``) is unavailable; use
-  :func:`jaxactv.reference.softmax` for it. Reverse-over-reverse works.
+  The rule keeps one residual, the output. It is a ``jax.custom_vjp``: reverse mode,
+  reverse-over-reverse and forward-over-reverse (``jax.hessian``, ``jax.jvp`` of
+  ``jax.grad``) work; pure forward mode (``jax.jvp``, ``jax.jacfwd`` of the op
+  itself) does not: use :func:`jaxactv.reference.softmax` for it.
 
   Args:
     x: logits, ``[..., num_classes, ...]``.
@@ -170,14 +191,19 @@ def softmax(x: ArrayLike, axis: Axis = -1, where: ArrayLike | None = None) -> ja
 # ------------------------------------------------------------------------- log_softmax
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _log_softmax(x, where, axes):
+def _log_softmax_value(x, where, axes):
   ct = _dtypes.compute_dtype(x.dtype)
   return normalize(mask_logits(x.astype(ct), where), axes).log_probs().astype(x.dtype)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _log_softmax(x, where, axes):
+  return _log_softmax_value(x, where, axes)
+
+
 def _log_softmax_fwd(x, where, axes):
-  y = _log_softmax(x, where, axes)
+  # Plain code, not _log_softmax itself: an outer jvp (jax.hessian) must see through it.
+  y = _log_softmax_value(x, where, axes)
   return y, (y, where)
 
 
@@ -220,9 +246,9 @@ def log_softmax(x: ArrayLike, axis: Axis = -1, where: ArrayLike | None = None) -
   finite). bfloat16/float16 inputs are computed in float32 and returned in the
   input dtype.
 
-  The rule keeps the output (and the caller's mask, when given). Forward
-  mode is unavailable on this ``jax.custom_vjp``; use
-  :func:`jaxactv.reference.log_softmax`. Reverse-over-reverse works.
+  The rule keeps the output (and the caller's mask, when given). Reverse mode and
+  forward-over-reverse (``jax.hessian``) work on this ``jax.custom_vjp``; pure
+  forward mode does not: use :func:`jaxactv.reference.log_softmax`.
 
   Args:
     x: logits, ``[..., num_classes, ...]``.
@@ -241,53 +267,157 @@ def log_softmax(x: ArrayLike, axis: Axis = -1, where: ArrayLike | None = None) -
 
 
 def _squeeze(a: jax.Array, axes: tuple[int, ...], keepdims: bool) -> jax.Array:
-  return a if keepdims else jnp.squeeze(a, axes)
+  return a if keepdims or not axes else jnp.squeeze(a, axes)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _logsumexp(x, where, axes, keepdims):
-  return _logsumexp_fwd(x, where, axes, keepdims)[0]
+def _kept(where: jax.Array | None, b: jax.Array | None) -> jax.Array | None:
+  """The entries that take part: ``where`` and, as in ``jax.nn``, a nonzero ``b``."""
+  if b is None:
+    return where
+  nonzero = b != 0
+  return nonzero if where is None else where & nonzero
 
 
-def _logsumexp_fwd(x, where, axes, keepdims):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _logsumexp(x, b, where, log_count, axes, keepdims):
+  return _logsumexp_fwd(x, b, where, log_count, axes, keepdims)[0]
+
+
+def _logsumexp_fwd(x, b, where, log_count, axes, keepdims):
   ct = _dtypes.compute_dtype(x.dtype)
-  n = normalize(mask_logits(x.astype(ct), where), axes)
-  # Residuals: x and the caller's mask (no copies) and two per-row numbers.
-  out = _squeeze(n.logsumexp, axes, keepdims).astype(x.dtype)
-  return out, (x, where, n.offset, n.safe_sum_exp)
+  xm = mask_logits(x.astype(ct), _kept(where, b))
+  if b is None:
+    n = normalize(xm, axes)
+    row_max, offset, s = n.row_max, n.offset, n.sum_exp
+  else:
+    # normalize's two sweeps, with the sum weighted: S = sum_j b_j e^(x_j - c), signed.
+    row_max = lax.stop_gradient(jnp.max(xm, axes, keepdims=True, initial=-jnp.inf))
+    offset = row_offset(row_max)
+    s = jnp.sum(jnp.exp(shifted_logits(xm, offset)) * b.astype(ct), axes, keepdims=True)
+  sign = jnp.sign(s)
+  # -inf on an empty row (-inf + log 0), +inf on a +inf row (inf + log k).
+  lse = row_max + jnp.log(jnp.abs(s))
+  if log_count is not None:
+    lse = lse - log_count
+  out = tuple(_squeeze(a, axes, keepdims).astype(x.dtype) for a in (lse, sign))
+  # Residuals: x, b and the caller's mask (no copies) and two per-row numbers.
+  return out, (x, b, where, offset, s)
 
 
-def _logsumexp_bwd(axes, keepdims, res, g):
-  x, where, offset, safe_sum_exp = res
+def _logsumexp_bwd(axes, keepdims, res, cts):
+  x, b, where, offset, s = res
+  g = cts[0]  # the sign is piecewise constant: its cotangent is dropped
   ct = _dtypes.compute_dtype(x.dtype)
-  probs = jnp.exp(shifted_logits(mask_logits(x.astype(ct), where), offset)) / safe_sum_exp
+  e = jnp.exp(shifted_logits(mask_logits(x.astype(ct), _kept(where, b)), offset))
+  # softmax-like weights e / s; a row whose sum is 0 (nothing to sum, or terms that
+  # cancel exactly) has value -inf and gradient 0.
+  probs = e / jnp.where(s == 0, 1.0, s)
+  if b is not None:
+    probs = jnp.where(s == 0, 0.0, probs)
   g = g.astype(ct) if keepdims else jnp.expand_dims(g.astype(ct), axes)
-  return (g * probs).astype(x.dtype), None
+  gp = g * probs
+  if b is None:
+    return gp.astype(x.dtype), None, None, None
+  dx = gp * b.astype(ct)
+  db = sum_to_shape(gp, b.shape)
+  return dx.astype(x.dtype), db.astype(b.dtype), None, None
 
 
 _logsumexp.defvjp(_logsumexp_fwd, _logsumexp_bwd)
-_jit_logsumexp = jax.jit(_logsumexp, static_argnums=(2, 3))
+_jit_logsumexp = jax.jit(_logsumexp, static_argnums=(4, 5))
+
+
+def _is_complex(a) -> bool:
+  return a is not None and jnp.issubdtype(jnp.result_type(a), jnp.complexfloating)
 
 
 def logsumexp(
-    x: ArrayLike, axis: Axis = -1, where: ArrayLike | None = None, keepdims: bool = False
-) -> jax.Array:
-  r"""``log(sum(exp(x)))`` over ``axis``, stable, with gradient ``softmax(x)``.
+    a: ArrayLike,
+    axis: Axis = None,
+    b: ArrayLike | None = None,
+    keepdims: bool = False,
+    return_sign: bool = False,
+    where: ArrayLike | None = None,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+  r"""``log(sum(b * exp(a)))`` over ``axis``: ``jax.nn.logsumexp``, with a fused rule.
 
   .. math::
-    \mathrm{LSE}(x) = m + \log \sum_j e^{x_j - m}, \quad m = \max_j x_j
+    \mathrm{LSE}(a) = m + \log \Big|\sum_j b_j e^{a_j - m}\Big|, \quad m = \max_j a_j,
+    \qquad \frac{\partial\,\mathrm{LSE}}{\partial a_j} = \frac{b_j e^{a_j - m}}{S},
+    \quad \frac{\partial\,\mathrm{LSE}}{\partial b_j} = \frac{e^{a_j - m}}{S}
+
+  with :math:`S = \sum_j b_j e^{a_j - m}`. The signature, defaults and results are
+  ``jax.nn.logsumexp``'s: ``axis=None`` reduces everything (0.1.0 reduced the last
+  axis by default), ``b`` broadcasts to ``a`` and may hold zeros (those entries are
+  left out, and get gradient 0, as in ``jax.nn``) and negative numbers; with
+  ``return_sign=True`` the result is ``(log|S| + m, sign(S))``, otherwise a negative
+  sum gives NaN. Complex inputs are handed to ``jax.nn.logsumexp``.
 
   Edge cases: masked and ``-inf`` entries contribute nothing and get gradient 0; a
-  row with nothing to sum gives ``-inf`` with gradient 0; a row with ``+inf`` gives
-  ``+inf`` with gradient ``1/k`` on its ``k`` ``+inf`` entries; NaN poisons its own
-  row only. Unlike ``jax.nn.logsumexp`` the default ``axis`` is ``-1`` (matching
-  :func:`softmax`); pass ``axis=None`` to reduce everything. There
-  is no ``b``/``return_sign`` scaling. bfloat16/float16 inputs are computed in
-  float32 and returned in the input dtype.
+  row with nothing to sum gives ``-inf`` (sign 0) with gradient 0, and so does a row
+  whose weighted terms cancel exactly; a row with ``+inf`` gives ``+inf`` with
+  gradient ``b_j / sum(b)`` over its ``+inf`` entries (``1/k`` without ``b``; jax.nn
+  gives NaN); NaN poisons its own row only. bfloat16/float16 inputs are computed in
+  float32 and returned in their dtype.
 
-  The rule keeps its input ``x`` (and the mask, both the caller's own arrays) and
-  two per-row numbers; the backward pass recomputes ``exp(x - lse)`` in one fused
-  sweep. Forward mode is unavailable; use :func:`jaxactv.reference.logsumexp`.
+  The rule keeps its inputs ``a`` and ``b`` (and the mask, the caller's own arrays)
+  and two per-row numbers; the backward pass recomputes ``exp(a - m)`` in one fused
+  sweep. Reverse mode and forward-over-reverse (``jax.hessian``) work; for pure
+  forward mode use :func:`jaxactv.reference.logsumexp`.
+
+  Args:
+    a: input array (integers are promoted to float, as in ``jax.nn``).
+    axis: the axis, or a tuple (or list) of axes, to reduce; None for all.
+    b: optional scale factors, broadcastable to ``a``.
+    keepdims: keep the reduced axes with size 1.
+    return_sign: return ``(result, sign)``, with ``result = log|S| + m``.
+    where: optional boolean mask broadcastable to ``a``; ``False`` entries are left out.
+
+  Returns:
+    An array of ``a``'s dtype (``a`` and ``b``'s common dtype when ``b`` is given)
+    with ``axis`` reduced, or the pair ``(result, sign)``.
+  """
+  if _is_complex(a) or _is_complex(b):
+    return jax.nn.logsumexp(a, axis, b, keepdims, return_sign, where)
+  a, b = _lse_inputs(a, b)
+  x, axes, where = _prepare(a, axis, where, allow_empty=True)
+  lse, sign = _jit_logsumexp(x, b, where, None, axes, bool(keepdims))
+  if return_sign:
+    return lse, sign
+  if b is not None:
+    # As jax.nn: log of a negative sum is NaN. A select on the output only.
+    lse = jnp.where(sign < 0, jnp.nan, lse)
+  return lse
+
+
+def _lse_inputs(a, b):
+  a = as_activation_input(a, "a")
+  if b is None:
+    return a, None
+  b = jnp.asarray(b)
+  if not broadcasts_to(b.shape, a.shape):
+    raise ValueError(f"b of shape {b.shape} does not broadcast to a of shape {a.shape}.")
+  if b.dtype == jnp.bool_ or not jnp.issubdtype(b.dtype, jnp.floating):
+    b = b.astype(a.dtype)
+  dtype = a.dtype if b.dtype == a.dtype else jnp.result_type(a, b)
+  return a.astype(dtype), b.astype(dtype)
+
+
+def logmeanexp(
+    x: ArrayLike, axis: Axis = None, where: ArrayLike | None = None, keepdims: bool = False
+) -> jax.Array:
+  r"""``log(mean(exp(x)))`` over ``axis``: ``jax.nn.logmeanexp``, with a fused rule.
+
+  .. math::
+    \mathrm{LME}(x) = \mathrm{LSE}(x) - \log n,
+    \qquad \frac{\partial\,\mathrm{LME}}{\partial x} = \mathrm{softmax}(x)
+
+  with :math:`n` the number of entries taking part (those ``where`` keeps). The
+  signature and defaults are ``jax.nn.logmeanexp``'s. Edge cases as
+  :func:`logsumexp`; deliberately unlike ``jax.nn`` (NaN), a row with nothing to
+  average gives ``-inf`` (a mean over nothing is 0, as in the losses' reductions)
+  with gradient 0. ``log n`` is subtracted in float32 before the result is rounded
+  to a half-precision ``x``'s dtype.
 
   Args:
     x: input array.
@@ -298,5 +428,14 @@ def logsumexp(
   Returns:
     ``x``'s dtype, with ``axis`` reduced.
   """
-  x, axes, where = _prepare(x, axis, where)
-  return _jit_logsumexp(x, where, axes, bool(keepdims))
+  if _is_complex(x):
+    return jax.nn.logmeanexp(x, axis, where, keepdims)
+  x, axes, where = _prepare(x, axis, where, allow_empty=True)
+  ct = _dtypes.compute_dtype(x.dtype)
+  if where is None:
+    count = jnp.asarray(math.prod(x.shape[d] for d in axes), ct)
+  else:
+    count = jnp.sum(jnp.broadcast_to(where, x.shape), axes, keepdims=True, dtype=ct)
+  # An empty row: -inf - log(1) = -inf, no -inf - -inf.
+  log_count = jnp.log(jnp.maximum(count, 1.0))
+  return _jit_logsumexp(x, None, where, log_count, axes, bool(keepdims))[0]

@@ -40,8 +40,16 @@ def as_logits(x: ArrayLike, name: str = "logits") -> jax.Array:
   return x
 
 
-def canonical_axes(axis: Axis, ndim: int, name: str = "axis") -> tuple[int, ...]:
-  """``axis`` (an int, a sequence of ints, or None for all) as sorted non-negative ints."""
+def canonical_axes(
+    axis: Axis, ndim: int, name: str = "axis", allow_empty: bool = False
+) -> tuple[int, ...]:
+  """``axis`` (an int, a sequence of ints, or None for all) as non-negative ints, in order.
+
+  The order is the caller's, as in optax: where several class axes are flattened
+  into one, ``axis=(2, 1)`` makes the flat class index ``i2 * n1 + i1``. Negative
+  axes count from the end; an axis named twice is an error. ``allow_empty`` admits
+  ``()`` (and ``None`` on a rank-0 array), a reduction over no axis at all.
+  """
   if axis is None:
     axis = tuple(range(ndim))
   axes = (axis,) if isinstance(axis, (int, np.integer)) else axis
@@ -49,7 +57,7 @@ def canonical_axes(axis: Axis, ndim: int, name: str = "axis") -> tuple[int, ...]
       isinstance(a, (int, np.integer)) and not isinstance(a, bool) for a in axes
   ):
     raise TypeError(f"{name} must be an int, a tuple of ints or None; got {axis!r}.")
-  if len(axes) == 0:
+  if len(axes) == 0 and not allow_empty:
     raise ValueError(f"{name} must name at least one axis; got {axis!r}.")
   out = []
   for a in axes:
@@ -61,7 +69,7 @@ def canonical_axes(axis: Axis, ndim: int, name: str = "axis") -> tuple[int, ...]
     out.append(int(a) % ndim)
   if len(set(out)) != len(out):
     raise ValueError(f"{name}={axis!r} repeats an axis.")
-  return tuple(sorted(out))
+  return tuple(out)
 
 
 def as_mask(

@@ -33,6 +33,53 @@ def _varying_axes(a: jax.Array) -> frozenset:
   return frozenset(vma)
 
 
+def vary_like(x: jax.Array, *operands: jax.Array | None) -> jax.Array:
+  """``x`` typed as varying over every mesh axis any of ``operands`` varies over.
+
+  A loop carry that starts as a constant (zeros, ``-inf``) but accumulates values
+  built from the operands must have the type of those values from the first step:
+  under ``check_vma=True`` on a ``(data, vocab)`` mesh, a ``dw`` accumulator varies
+  over ``vocab`` (from ``w``) and over ``data`` (from the tokens). A no-op outside
+  ``shard_map`` and under ``check_vma=False``, where nothing is typed as varying.
+  """
+  axes = frozenset().union(*(_varying_axes(o) for o in operands if o is not None))
+  missing = tuple(sorted(axes - _varying_axes(x)))
+  return lax.pcast(x, missing, to="varying") if missing else x
+
+
+def cotangent_like(ct: jax.Array, primal: jax.Array) -> jax.Array:
+  """The cotangent of ``primal`` from per-device partial sums ``ct``.
+
+  Under ``check_vma=True`` an input that is replicated over a mesh axis (``w`` over
+  ``data``, ``x`` over ``vocab``) must receive a cotangent replicated over it: the
+  per-device partials are summed over exactly the axes ``ct`` varies over and
+  ``primal`` does not. Under ``check_vma=False`` nothing is typed as varying and
+  ``shard_map`` sums the cotangents of replicated inputs itself: a no-op.
+  """
+  extra = tuple(sorted(_varying_axes(ct) - _varying_axes(primal)))
+  return lax.psum(ct, extra) if extra else ct
+
+
+def _unknown_axis_message(axis) -> str:
+  mesh = jax.sharding.get_abstract_mesh()
+  manual = tuple(
+      n for n, t in zip(mesh.axis_names, mesh.axis_types, strict=True)
+      if t == jax.sharding.AxisType.Manual
+  )
+  if manual:
+    return (
+        f"vocab_axis={axis!r} is not an axis of the enclosing jax.shard_map, whose mesh axes "
+        f"are {manual}: name the axis the class dimension is split over."
+    )
+  return (
+      f"vocab_axis={axis!r} names a mesh axis, but this loss runs outside jax.shard_map: "
+      "call it inside jax.shard_map over a mesh with that axis, with the class dimension of "
+      f"its operands sharded over it, e.g. jax.shard_map(f, mesh=mesh, in_specs=(P(None, "
+      f"{axis!r}), P()), out_specs=P()). Outside shard_map leave vocab_axis=None: plain jit "
+      "with NamedSharding inputs needs no flag."
+  )
+
+
 class VocabShards:
   """Collectives over ``axis`` (or no-ops when ``axis`` is None) for a class slice.
 
@@ -52,13 +99,7 @@ class VocabShards:
         self.num_shards = lax.axis_size(axis)
         self.offset = lax.axis_index(axis) * local_classes
       except NameError as e:
-        raise ValueError(
-            f"vocab_axis={axis!r} names a mesh axis, so this loss must run inside "
-            "jax.shard_map over a mesh with that axis, with the class dimension of its "
-            f"operands sharded over it, e.g. jax.shard_map(f, mesh=mesh, in_specs=(P(None, "
-            f"{axis!r}), P()), out_specs=P()). Outside shard_map, leave vocab_axis=None "
-            "(plain jit with NamedSharding inputs needs no flag)."
-        ) from e
+        raise ValueError(_unknown_axis_message(axis)) from e
 
   @property
   def num_classes(self) -> int:
@@ -80,23 +121,11 @@ class VocabShards:
       return flags
     return lax.pmax(flags.astype(jnp.int32), self.axis) > 0
 
-  def varying(self, x: jax.Array) -> jax.Array:
-    """``x`` typed as varying over the axis (a loop carry that will hold per-shard values)."""
-    if self.axis is None or not self.checked or self.axis in _varying_axes(x):
-      return x
-    return lax.pcast(x, (self.axis,), to="varying")
-
   def full_cotangent(self, g: jax.Array) -> jax.Array:
     """The whole cotangent of a replicated output, in either ``check_vma`` mode."""
     if self.axis is None or self.checked:
       return g
     return lax.psum(g, self.axis)
-
-  def replicated_cotangent(self, partial: jax.Array) -> jax.Array:
-    """The cotangent for a replicated input whose shards each hold a partial sum."""
-    if self.axis is None or not self.checked:
-      return partial
-    return lax.psum(partial, self.axis)
 
   def local_index(self, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Each global class id as an index into this shard's slice, and whether it is here."""

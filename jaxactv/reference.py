@@ -4,9 +4,11 @@ Every function here has the same signature and, on finite inputs, the same value
 as its namesake in :mod:`jaxactv`, but is written as the textbook formula with no
 custom gradient rule. Two uses:
 
-* Forward-mode autodiff. ``jax.custom_vjp`` rules cannot be pushed forward, so
-  ``jax.jvp``, ``jax.jacfwd`` and ``jax.hessian`` of a jaxactv op raise. Call the
-  twin instead: ``jax.hessian(lambda x: jaxactv.reference.logsumexp(x).sum())``.
+* Pure forward-mode autodiff. A ``jax.custom_vjp`` rule cannot be pushed forward,
+  so ``jax.jvp``, ``jax.jacfwd`` and ``jax.linearize`` of a jaxactv op itself raise
+  (forward-over-reverse, ``jax.hessian`` and ``jax.jvp`` of ``jax.grad``, works on
+  the fast ops). Call the twin instead:
+  ``jax.jacfwd(jaxactv.reference.softmax)(x)``.
 * Testing. jaxactv's tests compare every fast path with its twin, values and
   gradients.
 
@@ -23,14 +25,17 @@ import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike
 
+from jaxactv import _dtypes
 from jaxactv._validation import Axis, canonical_axes, check_reduction
 
 __all__ = [
     "entropy_from_logits",
     "kl_divergence_from_logits",
+    "linear_log_probs",
     "linear_softmax_cross_entropy",
     "log_sigmoid",
     "log_softmax",
+    "logmeanexp",
     "logsumexp",
     "sigmoid",
     "sigmoid_binary_cross_entropy",
@@ -82,16 +87,42 @@ def log_softmax(x: ArrayLike, axis: Axis = -1, where: ArrayLike | None = None) -
 
 
 def logsumexp(
-    x: ArrayLike, axis: Axis = -1, where: ArrayLike | None = None, keepdims: bool = False
-) -> jax.Array:
-  """``max + log(sum(exp(x - max)))`` over ``axis``; masked entries are left out."""
-  x = _float(x)
-  axes = canonical_axes(axis, x.ndim)
-  masked = x if where is None else jnp.where(where, x, -jnp.inf)
+    a: ArrayLike,
+    axis: Axis = None,
+    b: ArrayLike | None = None,
+    keepdims: bool = False,
+    return_sign: bool = False,
+    where: ArrayLike | None = None,
+):
+  """``max + log|sum(b * exp(a - max))|`` over ``axis``; masked entries and ``b == 0`` left out."""
+  x = _float(a)
+  axes = canonical_axes(axis, x.ndim, allow_empty=True)
+  keep = where
+  if b is not None:
+    b = jnp.asarray(b).astype(x.dtype)
+    keep = b != 0 if where is None else jnp.asarray(where) & (b != 0)
+  masked = x if keep is None else jnp.where(keep, x, -jnp.inf)
   m = lax.stop_gradient(jnp.max(masked, axes, keepdims=True, initial=-jnp.inf))
   m = jnp.where(jnp.isfinite(m), m, 0)
-  out = m + jnp.log(jnp.sum(jnp.exp(masked - m), axes, keepdims=True))
-  return out if keepdims else jnp.squeeze(out, axes)
+  e = jnp.exp(masked - m)
+  s = jnp.sum(e if b is None else e * b, axes, keepdims=True)
+  out, sign = m + jnp.log(jnp.abs(s)), jnp.sign(s)
+  if not keepdims:
+    out, sign = jnp.squeeze(out, axes), jnp.squeeze(sign, axes)
+  if return_sign:
+    return out, sign
+  return out if b is None else jnp.where(sign < 0, jnp.nan, out)
+
+
+def logmeanexp(
+    x: ArrayLike, axis: Axis = None, where: ArrayLike | None = None, keepdims: bool = False
+) -> jax.Array:
+  """``logsumexp(x) - log(n)``, ``n`` the number of entries ``where`` keeps."""
+  x = _float(x)
+  axes = canonical_axes(axis, x.ndim, allow_empty=True)
+  keep = jnp.ones(x.shape, bool) if where is None else jnp.broadcast_to(where, x.shape)
+  n = jnp.sum(keep, axes, keepdims=keepdims).astype(x.dtype)
+  return logsumexp(x, axis, keepdims=keepdims, where=where) - jnp.log(n)
 
 
 # ------------------------------------------------------------------------ losses
@@ -137,7 +168,7 @@ def _split_mask(logits, axis, where):
 
 def _loss_float(x):
   x = jnp.asarray(x)
-  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  return x.astype(_dtypes.compute_dtype(x.dtype))
 
 
 def softmax_cross_entropy_with_integer_labels(
@@ -163,7 +194,7 @@ def softmax_cross_entropy_with_integer_labels(
     n_valid = jnp.sum(valid, -1)
     loss += -(label_smoothing / n_valid) * jnp.sum(jnp.where(valid, w * logp, 0.0), -1)
   if z_loss:
-    loss += z_loss * logsumexp(x, where=valid) ** 2
+    loss += z_loss * logsumexp(x, -1, where=valid) ** 2
   if ignore_index is not None:
     counts &= labels != ignore_index
   in_range = (labels >= 0) & (labels < k)
@@ -184,7 +215,7 @@ def softmax_cross_entropy(
   logp = log_softmax(x, where=valid)
   loss = -jnp.sum(jnp.where(valid, t * logp, 0.0), -1)
   if z_loss:
-    loss += z_loss * logsumexp(x, where=valid) ** 2
+    loss += z_loss * logsumexp(x, -1, where=valid) ** 2
   loss = jnp.where(counts, loss, 0.0)
   return _reduce(loss, reduction, counts)
 
@@ -235,15 +266,8 @@ def entropy_from_logits(logits, axis=-1, where=None, *, reduction="none"):
   return _reduce(jnp.where(counts, h, 0.0), reduction, counts)
 
 
-def linear_softmax_cross_entropy(
-    x, w, labels, *, bias=None, ignore_index=None, label_smoothing=0.0, z_loss=0.0,
-    logit_softcap=None, reduction="mean", chunk_size=None, vocab_axis=None,
-):
-  """``x @ w + bias`` (soft-capped), then integer-label cross-entropy: the unfused version.
-
-  ``chunk_size`` is accepted and ignored: the twin forms all the logits at once.
-  """
-  del chunk_size
+def _linear_logits(x, w, bias, temperature, logit_softcap, vocab_axis):
+  """``cap((x @ w + bias) / T)`` in full, in float32 (float64 for float64 inputs)."""
   x, w = jnp.asarray(x), jnp.asarray(w)
   ct = jnp.promote_types(jnp.promote_types(x.dtype, w.dtype), jnp.float32)
   if vocab_axis is not None:  # gather the vocabulary: obviously right, never fast
@@ -253,9 +277,75 @@ def linear_softmax_cross_entropy(
   logits = jnp.einsum("...d,dv->...v", x, w, preferred_element_type=ct)
   if bias is not None:
     logits = logits + jnp.asarray(bias).astype(ct)
+  logits = logits / temperature
   if logit_softcap is not None:
     logits = logit_softcap * jnp.tanh(logits / logit_softcap)
-  return softmax_cross_entropy_with_integer_labels(
-      logits, labels, ignore_index=ignore_index, label_smoothing=label_smoothing,
-      z_loss=z_loss, reduction=reduction,
-  )
+  return logits
+
+
+def linear_softmax_cross_entropy(
+    x, w, labels, *, bias=None, where=None, weights=None, class_weights=None,
+    ignore_index=None, label_smoothing=0.0, z_loss=0.0, logit_softcap=None, temperature=1.0,
+    reduction="mean", return_aux=False, chunk_size=None, vocab_axis=None,
+):
+  """``cap((x @ w + bias) / T)``, then the integer-label cross-entropy: the unfused version.
+
+  Token ``weights`` multiply each loss; the mean divides by the summed
+  ``weights * class_weights[label]`` of the counted tokens. ``chunk_size`` is
+  accepted and ignored: the twin forms all the logits at once.
+  """
+  del chunk_size
+  logits = _linear_logits(x, w, bias, temperature, logit_softcap, vocab_axis)
+  labels = jnp.asarray(labels)
+  k = logits.shape[-1]
+  if class_weights is None:
+    cw = jnp.ones((k,), logits.dtype)
+  else:
+    cw = jnp.asarray(class_weights).astype(logits.dtype)
+    if vocab_axis is not None:
+      cw = lax.all_gather(cw, vocab_axis, tiled=True)
+  logp = log_softmax(logits)
+  safe = jnp.clip(labels, 0, k - 1)
+  w_y = cw[safe]
+  loss = -(1 - label_smoothing) * w_y * jnp.take_along_axis(logp, safe[..., None], -1)[..., 0]
+  loss = loss - (label_smoothing / k) * jnp.sum(cw * logp, -1)
+  lse = logsumexp(logits)
+  z_term = z_loss * lse**2
+  counts = jnp.ones(labels.shape, bool)
+  if where is not None:
+    counts = counts & jnp.asarray(where)
+  if ignore_index is not None:
+    counts = counts & (labels != ignore_index)
+  u = jnp.ones((), logits.dtype) if weights is None else jnp.asarray(weights, logits.dtype)
+  in_range = (labels >= 0) & (labels < k)
+  loss = jnp.where(counts, jnp.where(in_range, u * (loss + z_term), jnp.nan), 0.0)
+  denom = jnp.where(counts, u * w_y, 0.0)
+  out = _reduce(loss, reduction, denom)
+  if not return_aux:
+    return out
+  from jaxactv._linear_cross_entropy import LinearCrossEntropyAux
+
+  z_term = _reduce(jnp.where(counts, u * z_term, 0.0), reduction, denom)
+  aux = LinearCrossEntropyAux(lse, jnp.argmax(logits, -1).astype(jnp.int32), z_term)
+  return out, lax.stop_gradient(aux)
+
+
+def linear_log_probs(
+    x, w, tokens, *, bias=None, temperature=1.0, logit_softcap=None, where=None,
+    return_entropy=False, chunk_size=None, vocab_axis=None,
+):
+  """``log_softmax(cap((x @ w + bias) / T))[token]`` (and the entropy), unfused."""
+  del chunk_size
+  logits = _linear_logits(x, w, bias, temperature, logit_softcap, vocab_axis)
+  tokens = jnp.asarray(tokens)
+  k = logits.shape[-1]
+  logp = log_softmax(logits)
+  safe = jnp.clip(tokens, 0, k - 1)
+  out = jnp.take_along_axis(logp, safe[..., None], -1)[..., 0]
+  ent = -jnp.sum(jnp.exp(logp) * logp, -1)
+  keep = jnp.ones(tokens.shape, bool) if where is None else jnp.asarray(where)
+  bad = (tokens < 0) | (tokens >= k)
+  fix = lambda a: jnp.where(keep, jnp.where(bad, jnp.nan, a), 0.0)
+  if return_entropy:
+    return fix(out), fix(ent)
+  return fix(out)

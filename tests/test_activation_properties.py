@@ -44,13 +44,13 @@ def logits_and_mask(draw):
 
 softmax = jax.jit(jaxactv.softmax)
 log_softmax = jax.jit(jaxactv.log_softmax)
-logsumexp = jax.jit(jaxactv.logsumexp)
+logsumexp = jax.jit(lambda x: jaxactv.logsumexp(x, axis=-1))
 sigmoid = jax.jit(jaxactv.sigmoid)
 log_sigmoid = jax.jit(jaxactv.log_sigmoid)
 masked_softmax = jax.jit(lambda x, w: jaxactv.softmax(x, where=w))
-masked_logsumexp = jax.jit(lambda x, w: jaxactv.logsumexp(x, where=w))
+masked_logsumexp = jax.jit(lambda x, w: jaxactv.logsumexp(x, -1, where=w))
 softmax_sum_grad = jax.jit(jax.grad(lambda x, w: jaxactv.softmax(x, where=w).sum()))
-logsumexp_grad = jax.jit(jax.grad(lambda x, w: jaxactv.logsumexp(x, where=w).sum()))
+logsumexp_grad = jax.jit(jax.grad(lambda x, w: jaxactv.logsumexp(x, -1, where=w).sum()))
 sigmoid_grad = jax.jit(jax.grad(lambda x: jaxactv.sigmoid(x).sum()))
 log_sigmoid_grad = jax.jit(jax.grad(lambda x: jaxactv.log_sigmoid(x).sum()))
 

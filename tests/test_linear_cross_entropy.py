@@ -289,11 +289,11 @@ def test_memory_is_a_fraction_of_the_unfused_version():
 def test_default_chunk_rule():
   from jaxactv._linear_cross_entropy import BLOCK_BYTES, default_chunks
 
-  rows, width = default_chunks(100_000, 32768)
+  rows, width = default_chunks(100_000, 32768, 256)
   assert width == 32768 and rows * width * 4 <= BLOCK_BYTES and rows % 8 == 0
-  rows, width = default_chunks(100_000, 262144)
+  rows, width = default_chunks(100_000, 262144, 256)
   assert width < 262144 and width % 128 == 0 and rows * width * 4 <= BLOCK_BYTES
-  assert default_chunks(5, 1000) == (8, 1000)
+  assert default_chunks(5, 1000, 64) == (8, 1000)
 
 
 def test_slicing_the_vocabulary_copies_nothing_the_size_of_w():

@@ -5,17 +5,18 @@ from __future__ import annotations
 import jaxactv
 import jaxactv.reference
 
-ACTIVATIONS = {"log_sigmoid", "log_softmax", "logsumexp", "sigmoid", "softmax"}
+ACTIVATIONS = {"log_sigmoid", "log_softmax", "logmeanexp", "logsumexp", "sigmoid", "softmax"}
 LOSSES = {
     "entropy_from_logits",
     "kl_divergence_from_logits",
+    "linear_log_probs",
     "linear_softmax_cross_entropy",
     "sigmoid_binary_cross_entropy",
     "sigmoid_focal_loss",
     "softmax_cross_entropy",
     "softmax_cross_entropy_with_integer_labels",
 }
-EXPECTED = {"__version__", "reference"} | ACTIVATIONS | LOSSES
+EXPECTED = {"LinearCrossEntropyAux", "__version__", "reference"} | ACTIVATIONS | LOSSES
 REFERENCE = ACTIVATIONS | LOSSES
 
 
