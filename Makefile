@@ -11,7 +11,7 @@ OLDEST_PY     := $(OLDEST_VENV)/bin/python
 OLDEST_STAMP  := $(OLDEST_VENV)/.installed
 OLDEST_PINS   := .ci/oldest-constraints.txt
 
-.PHONY: demo test test-oldest lint docs dist bench bench-quick clean
+.PHONY: demo test test-oldest lint docs dist bench bench-quick bench-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -64,6 +64,11 @@ bench-quick: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/run.py
+
+# The full sweep, then issue 11's speed targets with their ratios and ok / MISS.
+# A report, not a test: `make test` does not run it.
+bench-check: $(STAMP)
+	$(PY) benchmarks/check.py
 
 clean:
 	rm -rf $(VENV) $(OLDEST_VENV) .pytest_cache .ruff_cache .mypy_cache .hypothesis runs \
