@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import datetime
 import gc
 import math
@@ -40,9 +41,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-import jaxactv
-
 HERE = Path(__file__).resolve().parent
+# Benchmark the jaxactv next to this script, not whichever one the environment has
+# installed (several checkouts may share one virtual environment).
+sys.path.insert(0, str(HERE.parent))
+import jaxactv  # noqa: E402
+
 DEFAULT_OUT = HERE / "results"
 
 ACTIVATION_OPS = ("softmax", "log_softmax", "sigmoid")
@@ -62,7 +66,8 @@ NAIVE = "naive"
 COLUMNS = (
     "op", "impl", "mode", "shape", "dtype", "classes", "backend", "device",
     "median_ms", "p20_ms", "p80_ms", "compile_ms", "temp_bytes", "peak_bytes",
-    "bytes_moved", "gbps", "copy_gbps", "roofline_fraction", "rel_err", "reps",
+    "ratio", "ratio_p20", "ratio_p80", "bytes_moved", "gbps", "copy_gbps",
+    "roofline_fraction", "rel_err", "reps",
     "error", "jax_version", "jaxactv_version", "timestamp",
 )  # fmt: skip
 
@@ -90,10 +95,10 @@ class Sweep:
 SWEEPS = {
     "full": Sweep(
         "full", (1024, 8192, 32768, 131072), 2**22,
-        ((2048, 256, 32768), (1024, 256, 131072)), 32768, 3.0, 5, 60,
+        ((2048, 256, 32768), (1024, 256, 131072)), 32768, 4.0, 15, 400,
     ),
     "quick": Sweep(
-        "quick", (1024, 32768), 2**19, ((512, 128, 16384), (256, 128, 65536)), 32768, 0.25, 3, 10,
+        "quick", (1024, 32768), 2**19, ((512, 128, 16384), (256, 128, 65536)), 32768, 1.0, 9, 200,
     ),
     "tiny": Sweep("tiny", (256,), 8 * 256, ((16, 32, 256),), 256, 0.0, 2, 2),
 }  # fmt: skip
@@ -420,13 +425,22 @@ def measure(case: Case, sweep: Sweep, machine: dict) -> list[dict]:
     warm = {name: [] for name in live}
     call_all(list(live), warm)
     round_s = sum(t[0] for t in warm.values() if t)
-  min_reps = sweep.min_reps if round_s < 1.0 else min(sweep.min_reps, 3)
+  min_reps = sweep.min_reps if round_s < 1.0 else min(sweep.min_reps, 5)
   reps = int(min(sweep.max_reps, max(min_reps, sweep.budget_s / max(round_s, 1e-9))))
 
+  # Timed rounds. jaxactv and its peer sit next to each other in every round (first
+  # and second, then second-to-last and last: the order flips each round), so a burst
+  # of background load hits both; the per-round ratio jaxactv / peer cancels it.
   times = {name: [] for name in live}
-  for r in range(reps):
-    order = live if r % 2 == 0 else live[::-1]
-    call_all(list(order), times)
+  gc_was_enabled = gc.isenabled()
+  gc.disable()
+  try:
+    for r in range(reps):
+      order = live if r % 2 == 0 else live[::-1]
+      call_all(list(order), times)
+  finally:
+    if gc_was_enabled:
+      gc.enable()
 
   for name, ts in times.items():
     if not ts or name not in live:
@@ -435,6 +449,15 @@ def measure(case: Case, sweep: Sweep, machine: dict) -> list[dict]:
     p20, p50, p80 = (1e3 * float(v) for v in np.percentile(ts, [20, 50, 80]))
     row.update(median_ms=p50, p20_ms=p20, p80_ms=p80, reps=len(ts))
     row["gbps"] = row["bytes_moved"] / (p50 * 1e-3) / 1e9
+
+  peer = case.peer
+  for name, ts in times.items():
+    n = min(len(ts), len(times.get(peer, ())))
+    if name == COPY or name not in live or peer not in live or n == 0:
+      continue
+    per_round = np.asarray(ts[:n]) / np.asarray(times[peer][:n])
+    q20, q50, q80 = (float(v) for v in np.percentile(per_round, [20, 50, 80]))
+    rows[name].update(ratio=q50, ratio_p20=q20, ratio_p80=q80)
 
   copy_gbps = rows[COPY].get("gbps")
   for row in rows.values():
@@ -580,6 +603,24 @@ def _ms_spread(row) -> str:
   return f"{_ms(row.get('median_ms'))} ({_ms(row.get('p20_ms'))}–{_ms(row.get('p80_ms'))})"
 
 
+def time_ratio(ours: dict | None, peer: dict | None) -> float | None:
+  """jaxactv / peer: the median of the per-round ratios, else the ratio of the medians."""
+  if ours is None:
+    return None
+  if ours.get("ratio") not in (None, ""):
+    return float(ours["ratio"])
+  return None if peer is None else _ratio(ours.get("median_ms"), peer.get("median_ms"))
+
+
+def _ratio_spread(ours: dict | None, peer: dict | None) -> str:
+  r = time_ratio(ours, peer)
+  if r is None:
+    return "—"
+  if ours.get("ratio_p20") in (None, ""):
+    return _fmt_ratio(r)
+  return f"{_fmt_ratio(r)} ({float(ours['ratio_p20']):.2f}–{float(ours['ratio_p80']):.2f})"
+
+
 def group_cases(rows):
   """``{(op, mode, shape, dtype): {impl: row}}`` in run order."""
   cases: dict[tuple, dict] = {}
@@ -606,7 +647,9 @@ def write_markdown(rows, path: Path, machine: dict, sweep: Sweep, wall_s: float)
       f"{wall_s / 60:.1f} min.",
       "",
       "Times are the median (20th–80th percentile) in ms over interleaved rounds after "
-      "warm-up; **ratio = jaxactv / peer** from the same run (below 1: jaxactv is faster "
+      "warm-up. **time ratio = jaxactv / peer**: jaxactv and its peer are called back to "
+      "back in every round, and the ratio is the median (20th–80th percentile) of the "
+      "per-round ratios, so load that hits a round hits both (below 1: jaxactv is faster "
       "or smaller). *temp* is `compiled.memory_analysis().temp_size_in_bytes`. *% of copy* "
       "is the effective bandwidth (bytes that must move at least once / median time) over "
       "that of a plain copy of as many bytes timed in the same rounds (into a donated "
@@ -616,7 +659,7 @@ def write_markdown(rows, path: Path, machine: dict, sweep: Sweep, wall_s: float)
       "",
       "## Summary per op, mode and dtype",
       "",
-      "*time ratio*: geometric mean over the shapes of jaxactv / peer median time "
+      "*time ratio*: geometric mean over the shapes of each shape's time ratio "
       "(min–max over the shapes). *temp ratio*: jaxactv's temp bytes summed over the "
       "shapes / the peer's (a sum, so that a few bytes of per-row scalars do not swamp it), "
       "with both sums.",
@@ -631,7 +674,7 @@ def write_markdown(rows, path: Path, machine: dict, sweep: Sweep, wall_s: float)
     if ours is None or peer is None:
       continue
     s = summary.setdefault((op, mode, dtype), {"t": [], "ours": [], "peer": []})
-    s["t"].append(_ratio(ours.get("median_ms"), impls[peer].get("median_ms")))
+    s["t"].append(time_ratio(ours, impls[peer]))
     if ours.get("temp_bytes") not in (None, "") and impls[peer].get("temp_bytes") not in (None, ""):
       s["ours"].append(float(ours["temp_bytes"]))
       s["peer"].append(float(impls[peer]["temp_bytes"]))
@@ -675,7 +718,7 @@ def write_markdown(rows, path: Path, machine: dict, sweep: Sweep, wall_s: float)
       get = lambda r, k: None if r is None else r.get(k)
       cells = [
           mode, shape, dtype, _ms_spread(ours), _ms_spread(other),
-          _fmt_ratio(_ratio(get(ours, "median_ms"), get(other, "median_ms"))),
+          _ratio_spread(ours, other),
           _bytes(get(ours, "temp_bytes")), _bytes(get(other, "temp_bytes")),
           _fmt_ratio(_mem_ratio(get(ours, "temp_bytes"), get(other, "temp_bytes"))),
           f"{_pct(get(ours, 'roofline_fraction'))} / {_pct(get(other, 'roofline_fraction'))}",
@@ -789,6 +832,8 @@ def parse_args(argv=None):
   p.add_argument("--ops", default=",".join(ALL_OPS), help="comma-separated ops to run")
   p.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated dtypes")
   p.add_argument("--no-plot", action="store_true", help="skip the PNG")
+  p.add_argument("--budget", type=float, default=None,
+                 help="seconds of timed rounds per case (default: the sweep's, 4 s full)")
   args = p.parse_args(argv)
   args.ops = [o.strip() for o in args.ops.split(",") if o.strip()]
   args.dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
@@ -804,6 +849,8 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
   args = parse_args(argv)
   sweep = SWEEPS["tiny" if args.tiny else "quick" if args.quick else "full"]
+  if args.budget is not None:
+    sweep = dataclasses.replace(sweep, budget_s=args.budget)
   args.out.mkdir(parents=True, exist_ok=True)
   machine = machine_info()
   specs = case_specs(sweep, args.ops, args.dtypes)
@@ -827,7 +874,7 @@ def main(argv=None) -> int:
     by = {r["impl"]: r for r in case_rows}
     peer = peer_of(by)
     ours = by.get(OURS, {})
-    ratio = _ratio(ours.get("median_ms"), by.get(peer, {}).get("median_ms"))
+    ratio = time_ratio(ours, by.get(peer))
     mem = _mem_ratio(ours.get("temp_bytes"), by.get(peer, {}).get("temp_bytes"))
     err = "; ".join(f"{r['impl']}: {r['error']}" for r in case_rows if r.get("error"))
     print(

@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+from jaxactv._sharding import same_layout_as
+from jaxactv._vocab_parallel import cotangent_like
 
 
-def times_allowing_inf(t: jax.Array, d: jax.Array) -> jax.Array:
+def times_allowing_inf(t: ArrayLike, d: jax.Array) -> jax.Array:
   """``t * d`` with ``0 * inf = inf * 0 = 0``; NaN in either operand stays NaN.
 
   The infinity is replaced before the product, never selected away after it, so no
@@ -32,9 +36,19 @@ def as_one_buffer(losses: jax.Array) -> jax.Array:
   return jnp.where(losses == losses, losses, jnp.nan)
 
 
-def sum_to_shape(a: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-  """Sum a cotangent of a broadcast operand back down to the operand's ``shape``."""
+def sum_to_operand(a: jax.Array, operand) -> jax.Array:
+  """Sum a cotangent of a broadcast operand back down to the operand: its shape and,
+  on a mesh, its type.
+
+  Under ``jax.shard_map`` (``check_vma=True``) an operand replicated over the token
+  shards (a per-class weight, ``alpha``) gets the sum over every shard; on an
+  ``Explicit`` mesh the cotangent takes the operand's own layout.
+  """
+  shape = jnp.shape(operand)
   lead = a.ndim - len(shape)
   a = jnp.sum(a, tuple(range(lead))) if lead else a
   axes = tuple(i for i, n in enumerate(shape) if n == 1 and a.shape[i] != 1)
-  return jnp.sum(a, axes, keepdims=True) if axes else a
+  a = jnp.sum(a, axes, keepdims=True) if axes else a
+  if not isinstance(operand, jax.Array):
+    return a
+  return same_layout_as(cotangent_like(a, operand), operand)

@@ -18,7 +18,7 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from jaxactv import _dtypes
-from jaxactv._arith import as_one_buffer, sum_to_shape, times_allowing_inf
+from jaxactv._arith import as_one_buffer, sum_to_operand, times_allowing_inf
 from jaxactv._reduction import reduce_losses
 from jaxactv._sharding import like_logits
 from jaxactv._sigmoid import stable_log_sigmoid, stable_sigmoid
@@ -120,11 +120,11 @@ def _bce_bwd(cfg, res, g):
   if pos_weight is not None:
     # d/dp = y' softplus(-x), with the smoothed target y'.
     soft_neg = times_allowing_inf(y, jnp.maximum(-x, 0.0)) + y * tail
-    dpw = sum_to_shape(_masked(times_allowing_inf(g, soft_neg), where), pos_weight.shape)
+    dpw = sum_to_operand(_masked(times_allowing_inf(g, soft_neg), where), pos_weight)
     dpw = dpw.astype(pos_weight.dtype)
   dx = _masked(dx, where)
   # Labels that broadcast to the logits get their cotangent summed back to their shape.
-  dy = sum_to_shape(_masked(dy, where), labels.shape)
+  dy = sum_to_operand(_masked(dy, where), labels)
   return dx.astype(logits.dtype), dy.astype(labels.dtype), dpw, None
 
 
@@ -179,6 +179,15 @@ def sigmoid_binary_cross_entropy(
 
   Returns:
     float32 (float64 for float64 logits) losses of ``logits``' shape, or a scalar.
+
+  Examples:
+    >>> jnp.set_printoptions(precision=4, suppress=True)
+    >>> logits, labels = jnp.array([0.0, jnp.inf, jnp.inf]), jnp.array([1.0, 1.0, 0.0])
+    >>> print(jaxactv.sigmoid_binary_cross_entropy(logits, labels))
+    [0.6931 0.        inf]
+    >>> bce_sum = lambda x: jaxactv.sigmoid_binary_cross_entropy(x, labels, reduction="sum")
+    >>> print(jax.grad(bce_sum)(logits))  # sigmoid(x) - y; optax: NaN at +inf
+    [-0.5  0.   1. ]
   """
   check_reduction(reduction)
   check_static_coefficient(label_smoothing, "label_smoothing", upper=1.0)
@@ -259,20 +268,20 @@ def _focal_bwd(res, g):
   # exactly 0 there (a hard label the logit agrees with): 0 * inf = 0.
   dweight_dy = mul(gamma_c, jnp.exp((gamma_c - 1.0) * log_u)) * du_dy
   dce_dy = log_q - log_p  # = -x
-  dalpha_t_dy = 0.0 if alpha is None else 2.0 * alpha_c - 1.0
+  dalpha_t_dy = 0.0 if alpha_c is None else 2.0 * alpha_c - 1.0
   weight_ce = weight * ce
   dy = g * (alpha_t * (mul(dweight_dy, ce) + weight * dce_dy) + dalpha_t_dy * weight_ce)
   dy = jnp.where(finite, dy, 0.0)
   dalpha = dgamma = None
   if alpha is not None:
     dalpha_terms = jnp.where(finite, g * (2.0 * y - 1.0) * weight_ce, 0.0)
-    dalpha = sum_to_shape(_masked(dalpha_terms, where), jnp.shape(alpha))
+    dalpha = sum_to_operand(_masked(dalpha_terms, where), alpha)
     dalpha = dalpha.astype(jnp.result_type(alpha))
   dgamma_terms = jnp.where(finite, g * alpha_t * weight_ce * log_u, 0.0)
-  dgamma = sum_to_shape(_masked(dgamma_terms, where), jnp.shape(gamma))
+  dgamma = sum_to_operand(_masked(dgamma_terms, where), gamma)
   dgamma = dgamma.astype(jnp.result_type(gamma))
   dx = _masked(dx, where)
-  dy = sum_to_shape(_masked(dy, where), labels.shape)
+  dy = sum_to_operand(_masked(dy, where), labels)
   return dx.astype(logits.dtype), dy.astype(labels.dtype), dalpha, dgamma, None
 
 
@@ -325,6 +334,14 @@ def sigmoid_focal_loss(
 
   Returns:
     float32 (float64 for float64 logits) losses of ``logits``' shape, or a scalar.
+
+  Examples:
+    >>> jnp.set_printoptions(precision=4, suppress=True)
+    >>> logits, labels = jnp.zeros(2), jnp.array([1.0, 0.0])
+    >>> print(jaxactv.sigmoid_focal_loss(logits, labels, gamma=2.0))  # log 2 / 4
+    [0.1733 0.1733]
+    >>> print(jaxactv.sigmoid_focal_loss(logits, labels, alpha=0.25))
+    [0.0433 0.13  ]
   """
   check_reduction(reduction)
   check_nonnegative(gamma, "gamma")

@@ -30,11 +30,18 @@ from jax.experimental import checkify
 from jax.typing import ArrayLike
 
 from jaxactv import _dtypes
-from jaxactv._arith import as_one_buffer, sum_to_shape, times_allowing_inf
+from jaxactv._arith import as_one_buffer, sum_to_operand, times_allowing_inf
 from jaxactv._backend import reuse_forward_exponentials
 from jaxactv._layout import broadcast_classes_last, to_class_layout
 from jaxactv._reduction import reduce_losses
-from jaxactv._sharding import class_axis_is_split, like_logits, take, whole
+from jaxactv._sharding import (
+    class_axis_is_split,
+    explicit_spec,
+    like_logits,
+    same_layout_as,
+    take,
+    whole,
+)
 from jaxactv._softmax import mask_logits
 from jaxactv._validation import (
     Axis,
@@ -43,7 +50,7 @@ from jaxactv._validation import (
     check_reduction,
     check_static_coefficient,
 )
-from jaxactv._vocab_parallel import VocabShards
+from jaxactv._vocab_parallel import VocabShards, cotangent_like
 
 
 def distance_below_max(x: jax.Array, offset: jax.Array) -> jax.Array:
@@ -188,13 +195,15 @@ def _int_bwd(cfg, res, g):
   dw = None
   if class_weights is not None:
     dw = _class_weights_cotangent(
-        cfg, x, class_mask, offset, sum_exp, g, spread, local_idx, here, res[9]
+        cfg, x, class_mask, offset, sum_exp, g, spread, local_idx, here, res[9], class_weights
     )
     dw = dw.astype(class_weights.dtype)
   return dx.astype(logits.dtype), None, None, dw, None
 
 
-def _class_weights_cotangent(cfg, x, class_mask, offset, sum_exp, g, spread, local_idx, here, nll):
+def _class_weights_cotangent(
+    cfg, x, class_mask, offset, sum_exp, g, spread, local_idx, here, nll, class_weights
+):
   r"""``d loss / d w_j = (1 - eps) [j = y] nll_y + spread [j valid] nll_j``, summed.
 
   ``nll_j = log_sum + (max - x_j)`` is ``-log p_j``. The label term is a scatter of one
@@ -204,17 +213,24 @@ def _class_weights_cotangent(cfg, x, class_mask, offset, sum_exp, g, spread, loc
   its ``nll`` is infinite.
   """
   k = x.shape[-1]
+  batch = tuple(range(x.ndim - 1))
   label_term = jnp.where(here, times_allowing_inf(g * (1.0 - cfg.label_smoothing), nll), 0.0)
-  dw = jnp.zeros((k,), g.dtype).at[local_idx.reshape(-1)].add(
-      label_term.reshape(-1), mode="promise_in_bounds"
-  )
+  if explicit_spec(x) is not None:
+    # Sharded logits (an Explicit mesh): the scatter as a compare summed over the batch.
+    dw = jnp.sum(jnp.where(_is_index(x, local_idx), label_term[..., None], 0.0), batch)
+  else:
+    dw = jnp.zeros((k,), g.dtype).at[local_idx.reshape(-1)].add(
+        label_term.reshape(-1), mode="promise_in_bounds"
+    )
   if cfg.label_smoothing > 0:
     nll_j = safe_log_sum(sum_exp)[..., None] + distance_below_max(x, offset[..., None])
     terms = times_allowing_inf((g * spread)[..., None], nll_j)
     if class_mask is not None:
       terms = jnp.where(class_mask, terms, 0.0)  # a masked class takes no part
-    dw = dw + jnp.sum(terms.reshape(-1, k), 0)
-  return dw
+    dw = dw + jnp.sum(terms, batch)
+  # Summed over the token shards the weights are replicated over (shard_map), in the
+  # weights' own layout (Explicit meshes).
+  return same_layout_as(cotangent_like(dw, class_weights), class_weights)
 
 
 def pick_class(x: jax.Array, index: jax.Array) -> jax.Array:
@@ -275,6 +291,9 @@ def check_traced_labels(labels, num_classes: int, ignore_index: int | None) -> N
   """
   if not isinstance(labels, jax.core.Tracer) or labels.size == 0:
     return
+  # One flat index needs the labels in one piece on an Explicit mesh; like everything
+  # feeding the check, the gather is dead code (and dropped) outside checkify.
+  labels = whole(labels)
   bad = (labels < 0) | (labels >= num_classes)
   if ignore_index is not None:
     bad &= labels != ignore_index
@@ -355,6 +374,15 @@ def softmax_cross_entropy_with_integer_labels(
 
   Returns:
     float32 (float64 for float64 logits) losses of the batch shape, or a scalar.
+
+  Examples:
+    >>> jnp.set_printoptions(precision=4, suppress=True)
+    >>> logits, labels = jnp.zeros((2, 4)), jnp.array([3, -100])
+    >>> loss = jaxactv.softmax_cross_entropy_with_integer_labels
+    >>> print(loss(logits, labels, ignore_index=-100))  # log 4, ignored
+    [1.3863 0.    ]
+    >>> print(f"{loss(logits, labels, ignore_index=-100, reduction='mean'):.4f}")
+    1.3863
   """
   check_reduction(reduction)
   check_smoothing_and_z(label_smoothing, z_loss)
@@ -487,7 +515,7 @@ def _soft_bwd(cfg, res, g):
   keep = counts[..., None] if class_mask is None else counts[..., None] & class_mask
   dlogits = jnp.where(counts[..., None], dlogits, 0.0)
   # Labels that broadcast to the logits get their cotangent summed back to their shape.
-  dlabels = sum_to_shape(jnp.where(keep, dlabels, 0.0), labels.shape)
+  dlabels = sum_to_operand(jnp.where(keep, dlabels, 0.0), labels)
   return dlogits.astype(logits.dtype), dlabels.astype(labels.dtype), None, None
 
 
@@ -544,6 +572,13 @@ def softmax_cross_entropy(
 
   Returns:
     float32 (float64 for float64 logits) losses of the batch shape, or a scalar.
+
+  Examples:
+    >>> jnp.set_printoptions(precision=4, suppress=True)
+    >>> logits = jnp.array([[0.0, 0.0], [0.0, -jnp.inf]])
+    >>> labels = jnp.array([[0.5, 0.5], [1.0, 0.0]])
+    >>> print(jaxactv.softmax_cross_entropy(logits, labels))  # log 2, 0 log 0
+    [0.6931 0.    ]
   """
   check_reduction(reduction)
   check_smoothing_and_z(label_smoothing, z_loss)

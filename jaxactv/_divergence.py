@@ -152,6 +152,12 @@ def kl_divergence_from_logits(
 
   Returns:
     float32 (float64 for float64 inputs) divergences, >= 0.
+
+  Examples:
+    >>> jnp.set_printoptions(precision=4, suppress=True)
+    >>> target = jnp.log(jnp.array([0.25, 0.75]))  # KL((1/4, 3/4) || (1/2, 1/2))
+    >>> print(f"{jaxactv.kl_divergence_from_logits(jnp.zeros(2), target):.4f}")
+    0.1308
   """
   check_reduction(reduction)
   logits, target_logits = as_logits(logits), as_logits(target_logits, "target_logits")
@@ -230,6 +236,12 @@ def entropy_from_logits(
 
   Returns:
     float32 (float64 for float64 logits) entropies in ``[0, log num_classes]``.
+
+  Examples:
+    >>> jnp.set_printoptions(precision=4, suppress=True)
+    >>> logits = jnp.array([[0.0, 0.0, 0.0, 0.0], [0.0, -jnp.inf, -jnp.inf, -jnp.inf]])
+    >>> print(jaxactv.entropy_from_logits(logits))  # log 4; 0 log 0 = 0
+    [1.3863 0.    ]
   """
   check_reduction(reduction)
   logits = as_logits(logits)

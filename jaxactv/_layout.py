@@ -19,6 +19,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 from jaxactv._sharding import like_logits
 from jaxactv._validation import Axis, as_bool, broadcasts_to, canonical_axes
@@ -57,7 +58,7 @@ def classes_last(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
   return x.reshape((*x.shape[: len(batch)], math.prod(x.shape[len(batch) :])))
 
 
-def to_class_layout(logits: jax.Array, axis: Axis, where: jax.Array | None) -> ClassLayout:
+def to_class_layout(logits: jax.Array, axis: Axis, where: ArrayLike | None) -> ClassLayout:
   axes = canonical_axes(axis, logits.ndim)
   batch_shape = tuple(n for d, n in enumerate(logits.shape) if d not in axes)
   num_classes = math.prod(logits.shape[d] for d in axes)

@@ -37,8 +37,9 @@ from jaxactv._vocab_parallel import vary_like
 
 # The chunk rule (chunk_size=None). Every block the loop makes takes at most these many
 # bytes in float32: a [rows, slice] block of logits and a [rows, D] chunk of x (or dx)
-# BLOCK_BYTES; a [D, slice] slice of w (or of dw) SLICE_BYTES.
-BLOCK_BYTES = 32 * 2**20
+# BLOCK_BYTES; a [D, slice] slice of w (or of dw) SLICE_BYTES. 16 MiB blocks keep the
+# value-and-grad at <= 1/8 of the unfused temp memory from V = 32768 (D = 256) up.
+BLOCK_BYTES = 16 * 2**20
 SLICE_BYTES = 64 * 2**20
 MIN_ROWS = 128
 
@@ -105,9 +106,7 @@ def token_shards(x2: jax.Array) -> int:
 def like_tokens(a: jax.Array, x2: jax.Array) -> jax.Array:
   """A per-token array ``[N]`` sharded as the tokens of ``x2`` (labels, masks, weights)."""
   sharding = explicit_sharding(x2)
-  if sharding is None or jax.typeof(a).sharding.spec == sharding.spec[:1]:
-    return a
-  return jax.sharding.reshard(a, jax.sharding.PartitionSpec(*sharding.spec[:1]))
+  return a if sharding is None else _resharded(a, sharding, sharding.spec[:1])
 
 
 def like_classes(a: jax.Array | None, w: jax.Array) -> jax.Array | None:
@@ -115,10 +114,14 @@ def like_classes(a: jax.Array | None, w: jax.Array) -> jax.Array | None:
   sharding = explicit_sharding(w)
   if a is None or sharding is None:
     return a
-  spec = jax.sharding.PartitionSpec(*sharding.spec[1:2])
+  return _resharded(a, sharding, sharding.spec[1:2])
+
+
+def _resharded(a, like, spec):
+  spec = jax.sharding.PartitionSpec(*spec)
   if explicit_sharding(a) is not None and jax.typeof(a).sharding.spec == spec:
     return a
-  return jax.sharding.reshard(a, spec)
+  return jax.sharding.reshard(a, jax.sharding.NamedSharding(like.mesh, spec))
 
 
 def matmul(a, b, contract, ct, like=None):
@@ -188,8 +191,8 @@ def over_slices(w, per_class, width, body, carry):
   full = classes // width
 
   def step(k, c):
-    lo = k * width
-    w_k = lax.dynamic_slice_in_dim(w, lo, width, axis=1)
+    lo, w_k = pinned(k * width, w)
+    w_k = lax.dynamic_slice_in_dim(w_k, lo, width, axis=1)
     cls_k = tuple(None if a is None else lax.dynamic_slice_in_dim(a, lo, width)
                   for a in per_class)
     return body(c, lo, w_k, cls_k)
@@ -198,7 +201,8 @@ def over_slices(w, per_class, width, body, carry):
   lo = full * width
   if lo < classes:
     cls_k = tuple(None if a is None else a[lo:] for a in per_class)
-    carry = body(carry, lo, w[:, lo:], cls_k)
+    start, w_last = pinned(jnp.int32(lo), w)
+    carry = body(carry, lo, lax.dynamic_slice_in_dim(w_last, start, classes - lo, 1), cls_k)
   return carry
 
 
@@ -258,7 +262,21 @@ def scan_chunks(tokens: Tokens, per_token, body, init):
 
 
 def take_chunk(cols: jax.Array, c) -> jax.Array:
+  """Chunk ``c`` of ``cols`` (``[rows, chunks, ...]``): ``[rows, ...]``."""
+  c, cols = pinned(c, cols)
   return lax.dynamic_index_in_dim(cols, c, 1, keepdims=False)
+
+
+def pinned(index, a: jax.Array):
+  """``(index, a)`` as they are, behind an optimisation barrier, for ``a[index]``.
+
+  XLA:CPU computes half-precision slices in float32: ``slice(w)`` inside a loop
+  becomes ``slice(convert(w))``, and the convert of the loop-invariant ``w`` is
+  hoisted out of the loop: a float32 copy of all of ``w`` (2 GiB at D = 4096,
+  V = 131072), and of ``x``. Tied to the loop's index by the barrier, ``a`` is no
+  longer invariant, and only the slice taken is converted. Free elsewhere.
+  """
+  return lax.optimization_barrier((index, a))
 
 
 def put_chunk(cols: jax.Array, c, value: jax.Array) -> jax.Array:

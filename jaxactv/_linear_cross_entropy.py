@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -263,7 +263,7 @@ def _scan(x2, w, bias, cw, labels, sc, cfg, with_grad, saved=None):
     )
     return (put_chunk(dx_cols, c, dxc), acc), outs
 
-  init = None
+  init: Any = None
   if with_grad:
     # Without vocab shards a chunk's dx is whole once its sweep is done: keep it in x's
     # dtype. Partial sums over vocab shards stay in the compute dtype until summed.
@@ -411,7 +411,7 @@ def linear_softmax_cross_entropy(
 
   Chunking (``chunk_size=None``, see ``jaxactv._linear_blocks.default_chunks``):
   every block takes a fixed budget whatever ``D`` is: a ``[rows, slice]`` block of
-  float32 logits and a ``[rows, D]`` chunk of ``x`` at most 32 MiB each, a
+  float32 logits and a ``[rows, D]`` chunk of ``x`` at most 16 MiB each, a
   ``[D, slice]`` slice of ``w`` (and of ``dw``) at most 64 MiB in float32. The
   slice is the whole vocabulary when that allows 128 rows, else the widest
   multiple of 128 classes that fits; the rows then fill the blocks, as a multiple
@@ -451,6 +451,13 @@ def linear_softmax_cross_entropy(
   Returns:
     float32 (float64 for float64 inputs) loss: a scalar, or ``x.shape[:-1]``; with
     ``return_aux``, ``(loss, aux)``.
+  Examples:
+    >>> jnp.set_printoptions(precision=4, suppress=True)
+    >>> x, w = jnp.ones((3, 2)), jnp.zeros((2, 4))  # all logits 0: each loss is log 4
+    >>> labels = jnp.array([0, 3, -100])
+    >>> loss = jaxactv.linear_softmax_cross_entropy(x, w, labels, ignore_index=-100)
+    >>> print(f"{loss:.4f}")  # the mean over the two counted tokens
+    1.3863
   """
   check_reduction(reduction)
   check_smoothing_and_z(label_smoothing, z_loss)
@@ -509,6 +516,7 @@ def linear_softmax_cross_entropy(
         z_term = reduce_losses(z_term[None], "mean", denom)
   if not return_aux:
     return loss
+  assert z_term is not None  # computed whenever return_aux is set
   aux = LinearCrossEntropyAux(
       lse.reshape(labels.shape), amax.reshape(labels.shape).astype(jnp.int32), z_term
   )

@@ -22,6 +22,8 @@ sharded and every function here is the identity.
 
 from __future__ import annotations
 
+from typing import overload
+
 import jax
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -31,7 +33,8 @@ def explicit_spec(a: jax.Array) -> tuple | None:
   """``a``'s partition spec, one entry per dimension, when ``a`` is typed as sharded."""
   sharding = getattr(jax.typeof(a), "sharding", None)
   mesh = getattr(sharding, "mesh", None)
-  if mesh is None or not any(t == AxisType.Explicit for t in getattr(mesh, "axis_types", ())):
+  explicit = any(t == AxisType.Explicit for t in getattr(mesh, "axis_types", ()))
+  if sharding is None or mesh is None or not explicit:
     return None
   spec = tuple(sharding.spec) + (None,) * (a.ndim - len(sharding.spec))
   return spec if any(s is not None for s in spec) else None
@@ -68,7 +71,11 @@ def like_logits(a: jax.Array | None, logits: jax.Array, dims: tuple[int, ...] | 
   return jax.sharding.reshard(a, NamedSharding(mesh, P(*want)))
 
 
-def whole(a: jax.Array | None) -> jax.Array | None:
+@overload
+def whole(a: None) -> None: ...
+@overload
+def whole(a: jax.Array) -> jax.Array: ...
+def whole(a):
   """``a`` replicated on every device if it is typed as split (a small array, such as
   one weight per class, that is gathered by label)."""
   if a is None or explicit_spec(a) is None:
@@ -83,3 +90,10 @@ def take(table: jax.Array, index: jax.Array) -> jax.Array:
     return table[index]
   out = NamedSharding(jax.typeof(index).sharding.mesh, P(*spec))
   return table.at[index].get(out_sharding=out, mode="promise_in_bounds")
+
+
+def same_layout_as(a: jax.Array, like: jax.Array) -> jax.Array:
+  """``a`` laid out as ``like`` (same shape) when either is typed as sharded."""
+  if explicit_spec(a) == explicit_spec(like):
+    return a
+  return jax.sharding.reshard(a, jax.typeof(like).sharding)

@@ -3,7 +3,8 @@
 ``jax.nn.sigmoid`` differentiates as ``s * (1 - s)``: once ``s`` rounds to 1 (from
 ``x`` ~ 17 in float32) the gradient is 0 or off by tens of percent although the true
 value ``e^-|x|`` is far above float32's smallest number. Both rules here keep the
-input ``x`` as their only residual and rebuild the gradient from
+input ``x`` as their only residual (but for the sigmoid of half-precision inputs on
+CPU, which keeps ``s`` itself: ``_backend``) and rebuild the gradient from
 ``s = sigmoid(-|x|)``, which lies in ``(0, 1/2]``: it keeps full relative precision
 down to ``|x|`` ~ 87 and ``1 - s`` never cancels.
 
@@ -19,6 +20,7 @@ from jax import lax
 from jax.typing import ArrayLike
 
 from jaxactv import _dtypes
+from jaxactv._backend import keep_sigmoid_of_minus_abs
 from jaxactv._validation import as_activation_input
 
 
@@ -65,14 +67,23 @@ def _sigmoid(x: jax.Array) -> jax.Array:
 
 def _sigmoid_fwd(x):
   # Plain code, not _sigmoid itself: an outer jvp (jax.hessian) must see through it.
-  return _sigmoid_value(x), (x,)
+  if not keep_sigmoid_of_minus_abs(x.dtype):
+    return _sigmoid_value(x), (x,)
+  # Half precision on CPU: keep s = sigmoid(-|x|), in float32, so that the backward
+  # needs no second exponential (see _backend).
+  xc = x.astype(_dtypes.compute_dtype(x.dtype))
+  s = _sigmoid_of_minus_abs(xc)
+  return jnp.where(xc >= 0, 1.0 - s, s).astype(x.dtype), (s,)
 
 
 def _sigmoid_bwd(res, g):
-  (x,) = res
-  ct = _dtypes.compute_dtype(x.dtype)
-  dx = g.astype(ct) * sigmoid_derivative(x.astype(ct))
-  return (dx.astype(x.dtype),)
+  (r,) = res
+  ct = _dtypes.compute_dtype(g.dtype)
+  if keep_sigmoid_of_minus_abs(g.dtype):  # g has x's dtype; r is s = sigmoid(-|x|)
+    dx = g.astype(ct) * (r * (1.0 - r))
+  else:  # r is x
+    dx = g.astype(ct) * sigmoid_derivative(r.astype(ct))
+  return (dx.astype(g.dtype),)
 
 
 _sigmoid.defvjp(_sigmoid_fwd, _sigmoid_bwd)
@@ -95,7 +106,9 @@ def sigmoid(x: ArrayLike) -> jax.Array:
   NaN stays NaN. bfloat16/float16 inputs are computed in float32 and returned in the
   input dtype; integer inputs are promoted to the default float dtype.
 
-  The rule keeps one residual, the input ``x`` itself. It is a ``jax.custom_vjp``:
+  The rule keeps one residual, the input ``x`` itself (on CPU, for half-precision
+  inputs, ``s = sigmoid(-|x|)`` in float32 instead, which spares the backward pass an
+  exponential; see ``jaxactv._backend``). It is a ``jax.custom_vjp``:
   reverse mode, reverse-over-reverse and forward-over-reverse (``jax.hessian``,
   ``jax.jvp`` of ``jax.grad``) work; pure forward mode (``jax.jvp``, ``jax.jacfwd``
   of the op itself) does not: use :func:`jaxactv.reference.sigmoid` for that.
@@ -105,6 +118,13 @@ def sigmoid(x: ArrayLike) -> jax.Array:
 
   Returns:
     An array of ``x``'s shape and dtype.
+
+  Examples:
+    >>> jnp.set_printoptions(precision=4, suppress=True)
+    >>> print(jaxactv.sigmoid(jnp.array([-1.0, 0.0, 1.0])))
+    [0.2689 0.5    0.7311]
+    >>> print(f"{jax.grad(jaxactv.sigmoid)(17.0):.3g}")  # e**-17; jax.nn.sigmoid: 0
+    4.14e-08
   """
   return _sigmoid(as_activation_input(x))
 
@@ -159,5 +179,12 @@ def log_sigmoid(x: ArrayLike) -> jax.Array:
 
   Returns:
     An array of ``x``'s shape and dtype.
+
+  Examples:
+    >>> jnp.set_printoptions(precision=4, suppress=True)
+    >>> print(jaxactv.log_sigmoid(jnp.array([-1000.0, 0.0])))  # x, -log 2
+    [-1000.        -0.6931]
+    >>> print(jax.grad(jaxactv.log_sigmoid)(-1000.0))  # sigmoid(1000)
+    1.0
   """
   return _log_sigmoid(as_activation_input(x))

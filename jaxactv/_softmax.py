@@ -38,11 +38,12 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.typing import ArrayLike
 
 from jaxactv import _dtypes
-from jaxactv._arith import sum_to_shape
+from jaxactv._arith import sum_to_operand
 from jaxactv._sharding import like_logits
 from jaxactv._validation import Axis, as_activation_input, as_mask, broadcasts_to, canonical_axes
 
@@ -115,6 +116,56 @@ def normalize(x: jax.Array, axes: tuple[int, ...]) -> Normalized:
   return Normalized(x, row_max, offset, sum_exp)
 
 
+class ShiftedRows(NamedTuple):
+  """softmax's and log_softmax's forward pass, in arithmetic XLA fuses into one kernel.
+
+  ``big`` is the largest finite value of the input's dtype (``x`` may be half
+  precision, computed in float32). Clamping the logits at ``big`` puts a ``+inf`` row's
+  ``+inf`` entries at 0 after the shift and all its other entries far below; an empty
+  row is shifted by ``-big`` and keeps its ``-inf`` entries. Only ``min``, ``max`` and
+  arithmetic: XLA:CPU fuses them with both reductions and the output into one kernel
+  (as it does ``jax.nn.softmax``), where a select on the row max splits it into passes
+  that each write a logits-sized buffer.
+  """
+
+  shifted: jax.Array  # min(x, big) - offset: <= 0, 0 at a row max, -inf at -inf
+  clamped_max: jax.Array  # max of min(x, big) (keepdims): -inf on an empty row
+  sum_exp: jax.Array  # sum of exp(shifted): >= 1 on a row with an entry, else 0
+  prev_big: float  # the float just below big
+
+  @property
+  def safe_sum_exp(self) -> jax.Array:
+    # A max, not a select: 1 on an empty row (sum 0), the sum itself (>= 1) elsewhere.
+    return jnp.maximum(self.sum_exp, 1.0)
+
+  def probs(self) -> jax.Array:
+    return jnp.exp(self.shifted) / self.safe_sum_exp
+
+  def log_probs(self) -> jax.Array:
+    # scale is 1 on every row but a +inf one, where it is 1 + ulp(big) (2**104 in
+    # float32): there every shifted finite logit, at most -ulp(big), overflows to -inf
+    # and the +inf entries' 0 stays 0. A multiply, where a select would split the kernel.
+    scale = 1.0 + jnp.maximum(self.clamped_max - self.prev_big, 0.0)
+    # (x - max) - log_sum: both differences small, so the result keeps an ulp of itself.
+    return self.shifted * scale - jnp.log(self.safe_sum_exp)
+
+
+def shift_rows(x: jax.Array, axes: tuple[int, ...], ct) -> ShiftedRows:
+  """One max pass and one sum-of-exp pass over ``x`` (masked, in its own dtype), in ``ct``."""
+  big = float(jnp.finfo(x.dtype).max)
+  prev_big = float(np.nextafter(np.asarray(big, x.dtype), np.asarray(0, x.dtype)))
+  # The max of the clamped logits, in x's own dtype (exact): never +inf.
+  row_max = jnp.max(jnp.minimum(x, big), axes, keepdims=True, initial=-jnp.inf)
+  row_max = lax.stop_gradient(row_max.astype(ct))
+  offset = jnp.maximum(row_max, -big)  # -big on an empty row: -inf - offset = -inf
+  # min(x, big) - offset with the clamp on a per-row number (big - offset >= 0: a no-op
+  # on finite logits, +inf -> 0), so that this and the max share no logits-sized
+  # intermediate, which XLA:CPU would write out.
+  shifted = jnp.minimum(x.astype(ct) - offset, big - offset)
+  sum_exp = jnp.sum(jnp.exp(shifted), axes, keepdims=True)
+  return ShiftedRows(shifted, row_max, sum_exp, prev_big)
+
+
 def _prepare(x, axis, where, allow_empty=False):
   x = as_activation_input(x)
   # The result does not depend on the order of the axes: sort them so that (1, 2) and
@@ -128,7 +179,7 @@ def _prepare(x, axis, where, allow_empty=False):
 
 def _softmax_value(x, where, axes):
   ct = _dtypes.compute_dtype(x.dtype)
-  return normalize(mask_logits(x.astype(ct), where), axes).probs().astype(x.dtype)
+  return shift_rows(mask_logits(x, where), axes, ct).probs().astype(x.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -183,6 +234,15 @@ def softmax(x: ArrayLike, axis: Axis = -1, where: ArrayLike | None = None) -> ja
   Returns:
     Probabilities of ``x``'s shape and dtype, summing to 1 over ``axis`` (or to 0 on
     a row with nothing to normalise).
+
+  Examples:
+    >>> jnp.set_printoptions(precision=4, suppress=True)
+    >>> print(jaxactv.softmax(jnp.log(jnp.array([1.0, 3.0]))))
+    [0.25 0.75]
+    >>> print(jaxactv.softmax(jnp.array([1.0, jnp.inf, jnp.inf])))  # jax.nn: NaN
+    [0.  0.5 0.5]
+    >>> print(jaxactv.softmax(jnp.zeros(3), where=jnp.array([True, True, False])))
+    [0.5 0.5 0. ]
   """
   x, axes, where = _prepare(x, axis, where)
   return _jit_softmax(x, where, axes)
@@ -193,7 +253,7 @@ def softmax(x: ArrayLike, axis: Axis = -1, where: ArrayLike | None = None) -> ja
 
 def _log_softmax_value(x, where, axes):
   ct = _dtypes.compute_dtype(x.dtype)
-  return normalize(mask_logits(x.astype(ct), where), axes).log_probs().astype(x.dtype)
+  return shift_rows(mask_logits(x, where), axes, ct).log_probs().astype(x.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -258,6 +318,13 @@ def log_softmax(x: ArrayLike, axis: Axis = -1, where: ArrayLike | None = None) -
 
   Returns:
     Log-probabilities of ``x``'s shape and dtype.
+
+  Examples:
+    >>> jnp.set_printoptions(precision=4, suppress=True)
+    >>> print(jaxactv.log_softmax(jnp.zeros(2)))  # log(1/2)
+    [-0.6931 -0.6931]
+    >>> print(jaxactv.log_softmax(jnp.zeros(2), where=jnp.array([True, False])))
+    [  0. -inf]
   """
   x, axes, where = _prepare(x, axis, where)
   return _jit_log_softmax(x, where, axes)
@@ -319,7 +386,7 @@ def _logsumexp_bwd(axes, keepdims, res, cts):
   if b is None:
     return gp.astype(x.dtype), None, None, None
   dx = gp * b.astype(ct)
-  db = sum_to_shape(gp, b.shape)
+  db = sum_to_operand(gp, b)
   return dx.astype(x.dtype), db.astype(b.dtype), None, None
 
 
@@ -427,6 +494,13 @@ def logmeanexp(
 
   Returns:
     ``x``'s dtype, with ``axis`` reduced.
+
+  Examples:
+    >>> jnp.set_printoptions(precision=4, suppress=True)
+    >>> print(f"{jaxactv.logsumexp(jnp.zeros(2)):.4f}")  # log 2
+    0.6931
+    >>> print(jaxactv.logsumexp(jnp.array([-jnp.inf, -jnp.inf])))  # nothing to sum
+    -inf
   """
   if _is_complex(x):
     return jax.nn.logmeanexp(x, axis, where, keepdims)

@@ -19,6 +19,8 @@ by a factor of ``n``; the tests check both modes against the unsharded loss.
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -27,7 +29,7 @@ from jax import lax
 def _varying_axes(a: jax.Array) -> frozenset:
   """The mesh axes ``a`` varies over inside ``shard_map`` (empty when unchecked)."""
   aval = jax.typeof(a)
-  vma = getattr(aval, "vma", None)
+  vma: Any = getattr(aval, "vma", None)
   if vma is None:
     vma = getattr(getattr(aval, "manual_axis_type", None), "varying", frozenset())
   return frozenset(vma)
@@ -93,7 +95,7 @@ class VocabShards:
     self.checked = sharded is not None and axis in _varying_axes(sharded)
     if axis is None:
       self.num_shards = 1
-      self.offset = 0
+      self.offset: int | jax.Array = 0
     else:
       try:
         self.num_shards = lax.axis_size(axis)

@@ -1,4 +1,4 @@
-"""Both forms of the softmax-loss backward, whichever backend the suite runs on.
+"""Every backend-dependent form, whichever backend the suite runs on.
 
 jaxactv._backend picks, per backend and dtype, whether a cross-entropy backward
 reuses the forward's exponentials (float32 on CPU) or recomputes them (GPU, TPU,
@@ -9,11 +9,12 @@ both are checked against the unfused reference twins.
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import jaxactv
-from jaxactv import _cross_entropy, reference
+from jaxactv import _cross_entropy, _sigmoid, reference
 
 
 @pytest.fixture(params=[True, False], ids=["reuse", "recompute"])
@@ -61,3 +62,43 @@ def test_soft_labels(backward_form, options):
   finite = np.isfinite(np.asarray(want[1]))
   np.testing.assert_allclose(np.asarray(got[1])[finite], np.asarray(want[1])[finite], rtol=1e-5,
                              atol=1e-7)
+
+
+# ---------------------------------------------------- sigmoid: the two residual forms
+
+
+@pytest.fixture(params=[True, False], ids=["keep s", "keep x"])
+def sigmoid_residual(request, monkeypatch):
+  # On CPU half-precision sigmoids keep s = sigmoid(-|x|), elsewhere x: force each.
+  monkeypatch.setattr(_sigmoid, "keep_sigmoid_of_minus_abs", lambda dtype: request.param)
+  jax.clear_caches()  # jaxactv.sigmoid is jitted: trace it again under the patch
+  yield request.param
+  jax.clear_caches()
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_sigmoid_residual_forms(sigmoid_residual, dtype):
+  x = np.array([-np.inf, -80, -17, -3, -1, -0.0, 0, 1e-3, 0.5, 1, 3, 17, 30, 80, np.inf],
+               np.float32)
+  xd = jnp.asarray(x, dtype)
+  x64 = np.asarray(xd.astype(jnp.float32), np.float64)
+  g = jnp.asarray(np.linspace(-2, 2, x.size), dtype)
+  y, dx = jax.jit(lambda x, g: (lambda y, pb: (y, pb(g)[0]))(*jax.vjp(jaxactv.sigmoid, x)))(xd, g)
+  assert y.dtype == dx.dtype == dtype
+  with np.errstate(over="ignore"):
+    e = np.exp(-np.abs(x64))
+    want_y = np.where(x64 >= 0, 1 / (1 + e), e / (1 + e))
+    want_dx = np.asarray(g.astype(jnp.float32), np.float64) * e / (1 + e) ** 2
+  eps = 4 * float(jnp.finfo(dtype).eps)
+  np.testing.assert_allclose(np.asarray(y, np.float64), want_y, rtol=eps, atol=0)
+  # Relative to the exact tails (e^-17 ~ 4e-8, e^-80 ~ 2e-35), not absolute.
+  np.testing.assert_allclose(np.asarray(dx, np.float64), want_dx, rtol=eps, atol=0)
+  # Forward-over-reverse sees through either rule: the second derivative
+  # sigma'(x) (1 - 2 sigma(x)), float32 only (bfloat16 rounds it away).
+  if dtype == jnp.float32:
+    xs = jnp.asarray([-17.0, -3.0, -0.5, 0.0, 0.5, 3.0, 17.0], jnp.float32)
+    h = jax.jit(jax.jacfwd(jax.grad(lambda x: jaxactv.sigmoid(x).sum())))(xs)
+    x64 = np.asarray(xs, np.float64)
+    s = 1 / (1 + np.exp(-x64))
+    np.testing.assert_allclose(np.asarray(h, np.float64), np.diag(s * (1 - s) * (1 - 2 * s)),
+                               rtol=1e-5, atol=1e-12)

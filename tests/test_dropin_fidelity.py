@@ -31,7 +31,7 @@ def test_issue_example_unsorted_tuple_axis_matches_optax():
     assert float(got[0]) < 1e-5  # optax: 0.0; 0.1.0 gave 20.0
 
 
-@pytest.mark.parametrize("axis", [(2, 1), (-1, -2), (1, -1), (-2, 2), (0, 2), (2, 0, 1)])
+@pytest.mark.parametrize("axis", [(2, 1), (-1, -2), (2, -3, 1)])
 def test_tuple_axes_match_optax_for_every_loss(axis):
   x = jnp.asarray(RNG.normal(size=(3, 4, 5)).astype(np.float32))
   nd = 3
@@ -77,9 +77,11 @@ def test_logsumexp_signature_is_jax_nns():
     assert [p.default for p in a.values()] == [p.default for p in b.values()]
 
 
-@pytest.mark.parametrize("b_shape", [None, (5,), (1, 5), (4, 5), (4, 1)])
-@pytest.mark.parametrize("axis", [None, 0, -1, (0, 1)])
-@pytest.mark.parametrize("keepdims", [False, True])
+@pytest.mark.parametrize(
+    "b_shape, axis, keepdims",
+    [(None, None, False), ((5,), -1, False), ((1, 5), 0, True), ((4, 5), (0, 1), True),
+     ((4, 1), (1, 0), False), ((4, 5), None, True)],
+)
 def test_logsumexp_matches_scipy_with_b_and_sign(b_shape, axis, keepdims):
   a = RNG.normal(size=(4, 5)) * 3
   b = None if b_shape is None else RNG.normal(size=b_shape) * (RNG.random(b_shape) > 0.2)
@@ -218,22 +220,28 @@ def _dot_with(f, c):
 # ---------------------------------------------------------------------- forward mode
 
 
-@pytest.mark.parametrize("name", ["sigmoid", "log_sigmoid", "softmax", "log_softmax",
-                                  "logsumexp", "logmeanexp"])
-def test_hessian_and_hvp_work_and_match_the_twin(name):
-  x = jnp.asarray(RNG.normal(size=(5,)).astype(np.float32))
-  c = jnp.asarray(RNG.normal(size=(5,)).astype(np.float32))
+HESSIAN_OPS = ("sigmoid", "log_sigmoid", "softmax", "log_softmax", "logsumexp", "logmeanexp")
 
-  def scalar(f):
-    return lambda x: jnp.vdot(jnp.broadcast_to(f(x), (5,)), c)
 
-  ours, twin = scalar(getattr(jaxactv, name)), scalar(getattr(reference, name))
-  np.testing.assert_allclose(jax.jit(jax.hessian(ours))(x), jax.hessian(twin)(x),
-                             rtol=1e-4, atol=1e-6)
-  v = jnp.asarray(RNG.normal(size=(5,)).astype(np.float32))
-  hvp = jax.jit(lambda x, v: jax.jvp(jax.grad(ours), (x,), (v,))[1])(x, v)
-  np.testing.assert_allclose(hvp, jax.jvp(jax.grad(twin), (x,), (v,))[1], rtol=1e-4,
-                             atol=1e-6)
+def _hessians_and_hvps(module, x, c, v):
+  out = {}
+  for name in HESSIAN_OPS:
+    f = getattr(module, name)
+
+    def scalar(x, f=f):
+      return jnp.vdot(jnp.broadcast_to(f(x), (5,)), c)
+
+    out[name] = jax.hessian(scalar)(x), jax.jvp(jax.grad(scalar), (x,), (v,))[1]
+  return out
+
+
+def test_hessian_and_hvp_work_and_match_the_twin():
+  x, c, v = (jnp.asarray(RNG.normal(size=(5,)).astype(np.float32)) for _ in range(3))
+  ours = jax.jit(lambda x, c, v: _hessians_and_hvps(jaxactv, x, c, v))(x, c, v)
+  twin = jax.jit(lambda x, c, v: _hessians_and_hvps(reference, x, c, v))(x, c, v)
+  for name in HESSIAN_OPS:
+    for got, want in zip(ours[name], twin[name], strict=True):
+      np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6, err_msg=name)
 
 
 def test_pure_forward_mode_still_raises():

@@ -216,10 +216,21 @@ def test_bad_input(kwargs, error, pattern):
 # ------------------------------------------------------------------ memory and work
 
 
+def _jaxprs_in_params(params):
+  # The Jaxprs and ClosedJaxprs among an equation's params (scan, pjit, custom_vjp
+  # bodies), as jax.extend.core.jaxprs_in_params, which jax 0.9.0 and older lack.
+  for value in params.values():
+    for v in value if isinstance(value, (tuple, list)) else (value,):
+      if hasattr(v, "eqns"):
+        yield v
+      elif hasattr(getattr(v, "jaxpr", None), "eqns"):
+        yield v.jaxpr
+
+
 def _all_eqns(jaxpr):
   for eqn in jaxpr.eqns:
     yield eqn
-    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+    for sub in _jaxprs_in_params(eqn.params):
       yield from _all_eqns(sub)
 
 
@@ -287,6 +298,7 @@ def test_memory_is_a_fraction_of_the_unfused_version():
 
 
 def test_default_chunk_rule():
+  from jaxactv._linear_blocks import SLICE_BYTES
   from jaxactv._linear_cross_entropy import BLOCK_BYTES, default_chunks
 
   rows, width = default_chunks(100_000, 32768, 256)
@@ -294,6 +306,10 @@ def test_default_chunk_rule():
   rows, width = default_chunks(100_000, 262144, 256)
   assert width < 262144 and width % 128 == 0 and rows * width * 4 <= BLOCK_BYTES
   assert default_chunks(5, 1000, 64) == (8, 1000)
+  # A wide hidden size bounds the [D, slice] slice of w and the [rows, D] chunk of x too.
+  rows, width = default_chunks(100_000, 131072, 4096)
+  assert 4096 * width * 4 <= SLICE_BYTES and rows * 4096 * 4 <= BLOCK_BYTES
+  assert rows * width * 4 <= BLOCK_BYTES and width % 128 == 0
 
 
 def test_slicing_the_vocabulary_copies_nothing_the_size_of_w():
