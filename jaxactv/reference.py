@@ -309,7 +309,7 @@ def linear_softmax_cross_entropy(
   w_y = cw[safe]
   loss = -(1 - label_smoothing) * w_y * jnp.take_along_axis(logp, safe[..., None], -1)[..., 0]
   loss = loss - (label_smoothing / k) * jnp.sum(cw * logp, -1)
-  lse = logsumexp(logits)
+  lse = logsumexp(logits, -1)
   z_term = z_loss * lse**2
   counts = jnp.ones(labels.shape, bool)
   if where is not None:
