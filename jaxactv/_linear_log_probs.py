@@ -267,7 +267,8 @@ def linear_log_probs(
     [-1.3863 -1.3863 -1.3863]
     >>> print(entropy)  # log 4
     [1.3863 1.3863 1.3863]
-    >>> print(jaxactv.linear_log_probs(x, w, tokens, where=jnp.array([True, False, True])))
+    >>> mask = jnp.array([True, False, True])  # the second token does not count
+    >>> print(jaxactv.linear_log_probs(x, w, tokens, where=mask))
     [-1.3863  0.     -1.3863]
   """
   x, w, tokens_in, tokens, bias = _check_linear_inputs(x, w, tokens, bias, "tokens")

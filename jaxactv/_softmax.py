@@ -401,7 +401,8 @@ def logsumexp(
     [1.0986 1.0986]
     >>> print(jaxactv.logsumexp(jnp.array([-jnp.inf, -jnp.inf])))  # nothing to sum
     -inf
-    >>> lse, sign = jaxactv.logsumexp(jnp.zeros(2), b=jnp.array([1.0, -3.0]), return_sign=True)
+    >>> b = jnp.array([1.0, -3.0])
+    >>> lse, sign = jaxactv.logsumexp(jnp.zeros(2), b=b, return_sign=True)
     >>> print(f"{lse:.4f} {sign}")  # log|1 - 3| = log 2, and the sum is negative
     0.6931 -1.0
   """
@@ -462,7 +463,8 @@ def logmeanexp(
     0.6931
     >>> print(jaxactv.logmeanexp(jnp.zeros((2, 3)), axis=-1))  # log 1 per row
     [0. 0.]
-    >>> print(jaxactv.logmeanexp(jnp.zeros(2), where=jnp.array([False, False])))  # jax.nn: NaN
+    >>> nothing = jnp.array([False, False])
+    >>> print(jaxactv.logmeanexp(jnp.zeros(2), where=nothing))  # jax.nn: NaN
     -inf
   """
   if _is_complex(x):
