@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import re
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -54,3 +55,15 @@ html_title = f"jaxactv {release}"
 html_static_path: list[str] = []
 html_show_sourcelink = False
 html_copy_source = False
+
+
+def _short_aliases(app, what, name, obj, options, signature, return_annotation):
+  # Sphinx writes an alias inside a union as TypeAliasForwardRef('ArrayLike'): keep the name.
+  def short(text):
+    return None if text is None else re.sub(r"TypeAliasForwardRef\('([^']+)'\)", r"\1", text)
+
+  return short(signature), short(return_annotation)
+
+
+def setup(app):
+  app.connect("autodoc-process-signature", _short_aliases)

@@ -451,6 +451,7 @@ def linear_softmax_cross_entropy(
   Returns:
     float32 (float64 for float64 inputs) loss: a scalar, or ``x.shape[:-1]``; with
     ``return_aux``, ``(loss, aux)``.
+
   Examples:
     >>> jnp.set_printoptions(precision=4, suppress=True)
     >>> x, w = jnp.ones((3, 2)), jnp.zeros((2, 4))  # all logits 0: each loss is log 4

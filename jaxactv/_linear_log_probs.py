@@ -257,6 +257,19 @@ def linear_log_probs(
   Returns:
     float32 (float64 for float64 inputs) ``log_probs`` of ``tokens``' shape, or
     ``(log_probs, entropy)`` with ``return_entropy=True``.
+
+  Examples:
+    >>> jnp.set_printoptions(precision=4, suppress=True)
+    >>> x, w = jnp.ones((3, 2)), jnp.zeros((2, 4))  # all logits 0: p = 1/4 everywhere
+    >>> tokens = jnp.array([0, 3, 1])
+    >>> log_p, entropy = jaxactv.linear_log_probs(x, w, tokens, return_entropy=True)
+    >>> print(log_p)  # -log 4
+    [-1.3863 -1.3863 -1.3863]
+    >>> print(entropy)  # log 4
+    [1.3863 1.3863 1.3863]
+    >>> mask = jnp.array([True, False, True])  # the second token does not count
+    >>> print(jaxactv.linear_log_probs(x, w, tokens, where=mask))
+    [-1.3863  0.     -1.3863]
   """
   x, w, tokens_in, tokens, bias = _check_linear_inputs(x, w, tokens, bias, "tokens")
   spec = logits_spec(logit_softcap, temperature)

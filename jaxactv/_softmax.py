@@ -443,6 +443,19 @@ def logsumexp(
   Returns:
     An array of ``a``'s dtype (``a`` and ``b``'s common dtype when ``b`` is given)
     with ``axis`` reduced, or the pair ``(result, sign)``.
+
+  Examples:
+    >>> jnp.set_printoptions(precision=4, suppress=True)
+    >>> print(f"{jaxactv.logsumexp(jnp.zeros((2, 3))):.4f}")  # axis=None: log 6
+    1.7918
+    >>> print(jaxactv.logsumexp(jnp.zeros((2, 3)), axis=-1))  # log 3 per row
+    [1.0986 1.0986]
+    >>> print(jaxactv.logsumexp(jnp.array([-jnp.inf, -jnp.inf])))  # nothing to sum
+    -inf
+    >>> b = jnp.array([1.0, -3.0])
+    >>> lse, sign = jaxactv.logsumexp(jnp.zeros(2), b=b, return_sign=True)
+    >>> print(f"{lse:.4f} {sign}")  # log|1 - 3| = log 2, and the sum is negative
+    0.6931 -1.0
   """
   if _is_complex(a) or _is_complex(b):
     return jax.nn.logsumexp(a, axis, b, keepdims, return_sign, where)
@@ -497,9 +510,12 @@ def logmeanexp(
 
   Examples:
     >>> jnp.set_printoptions(precision=4, suppress=True)
-    >>> print(f"{jaxactv.logsumexp(jnp.zeros(2)):.4f}")  # log 2
+    >>> print(f"{jaxactv.logmeanexp(jnp.log(jnp.array([1.0, 3.0]))):.4f}")  # log 2
     0.6931
-    >>> print(jaxactv.logsumexp(jnp.array([-jnp.inf, -jnp.inf])))  # nothing to sum
+    >>> print(jaxactv.logmeanexp(jnp.zeros((2, 3)), axis=-1))  # log 1 per row
+    [0. 0.]
+    >>> nothing = jnp.array([False, False])
+    >>> print(jaxactv.logmeanexp(jnp.zeros(2), where=nothing))  # jax.nn: NaN
     -inf
   """
   if _is_complex(x):

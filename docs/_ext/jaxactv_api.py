@@ -19,7 +19,8 @@ GROUPS = [
     ("Softmax cross-entropy", ["jaxactv._cross_entropy"]),
     ("Sigmoid losses (multi-label)", ["jaxactv._binary"]),
     ("Divergences from logits", ["jaxactv._divergence"]),
-    ("Big vocabularies: the fused linear loss", ["jaxactv._linear_cross_entropy"]),
+    ("Big vocabularies: the fused linear ops",
+     ["jaxactv._linear_cross_entropy", "jaxactv._linear_log_probs"]),
 ]
 
 
@@ -36,6 +37,10 @@ def _line(obj) -> int:
 
 def _entry(name: str, obj) -> list[str]:
   target = inspect.unwrap(obj)
+  if inspect.isclass(target) and hasattr(target, "_fields"):
+    # A NamedTuple: its docstring's Attributes section documents the fields; autodoc's
+    # members would document them again ("Alias for field number 0").
+    return [f".. autoclass:: jaxactv.{name}", ""]
   if inspect.isclass(target):
     return [f".. autoclass:: jaxactv.{name}", "   :members:", ""]
   if callable(obj):
