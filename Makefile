@@ -55,7 +55,7 @@ $(OLDEST_PY):
 	$(OLDEST_PY) -m pip install --quiet --upgrade pip
 
 $(OLDEST_STAMP): pyproject.toml $(OLDEST_PINS) | $(OLDEST_PY)
-	$(OLDEST_PY) -m pip install --quiet -c $(OLDEST_PINS) -e '.[dev,docs]'
+	$(OLDEST_PY) -m pip install --quiet -c $(OLDEST_PINS) -e '.[dev,docs,examples]'
 	touch $@
 
 test-oldest: $(OLDEST_STAMP)
