@@ -48,3 +48,21 @@ def all_reductions(make, args, cts, extra=()):
 
   return run(tuple(jnp.asarray(a) for a in args), tuple(jnp.asarray(a) for a in extra),
              {r: jnp.asarray(c) for r, c in cts.items()})
+
+
+def jaxprs_in_params(params):
+  # The Jaxprs and ClosedJaxprs among an equation's params (scan, pjit, custom_vjp
+  # bodies), as jax.extend.core.jaxprs_in_params, which jax 0.9.0 and older lack.
+  for value in params.values():
+    for v in value if isinstance(value, (tuple, list)) else (value,):
+      if hasattr(v, "eqns"):
+        yield v
+      elif hasattr(getattr(v, "jaxpr", None), "eqns"):
+        yield v.jaxpr
+
+
+def all_eqns(jaxpr):
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for sub in jaxprs_in_params(eqn.params):
+      yield from all_eqns(sub)

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from loss_testing import all_eqns
 
 import jaxactv
 from jaxactv import reference
@@ -216,24 +217,6 @@ def test_bad_input(kwargs, error, pattern):
 # ------------------------------------------------------------------ memory and work
 
 
-def _jaxprs_in_params(params):
-  # The Jaxprs and ClosedJaxprs among an equation's params (scan, pjit, custom_vjp
-  # bodies), as jax.extend.core.jaxprs_in_params, which jax 0.9.0 and older lack.
-  for value in params.values():
-    for v in value if isinstance(value, (tuple, list)) else (value,):
-      if hasattr(v, "eqns"):
-        yield v
-      elif hasattr(getattr(v, "jaxpr", None), "eqns"):
-        yield v.jaxpr
-
-
-def _all_eqns(jaxpr):
-  for eqn in jaxpr.eqns:
-    yield eqn
-    for sub in _jaxprs_in_params(eqn.params):
-      yield from _all_eqns(sub)
-
-
 def test_no_array_the_size_of_the_logits_exists():
   n, d, v = 512, 32, 4096
   x = jnp.ones((n, d))
@@ -249,7 +232,7 @@ def test_no_array_the_size_of_the_logits_exists():
     jaxpr = jax.make_jaxpr(f)(x, w).jaxpr
     sizes = [
         int(np.prod(var.aval.shape))
-        for eqn in _all_eqns(jaxpr)
+        for eqn in all_eqns(jaxpr)
         for var in eqn.outvars
         if hasattr(var.aval, "shape")
     ]
@@ -259,7 +242,7 @@ def test_no_array_the_size_of_the_logits_exists():
 
 def _count_matmuls(f, *args):
   jaxpr = jax.make_jaxpr(f)(*args).jaxpr
-  return sum(eqn.primitive.name == "dot_general" for eqn in _all_eqns(jaxpr))
+  return sum(eqn.primitive.name == "dot_general" for eqn in all_eqns(jaxpr))
 
 
 def test_matmul_count():

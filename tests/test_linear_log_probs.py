@@ -11,6 +11,7 @@ import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from loss_testing import all_eqns
 
 import jaxactv
 
@@ -165,18 +166,11 @@ def test_bad_input(kwargs, error, pattern):
 # ------------------------------------------------------------------------ memory
 
 
-def _all_eqns(jaxpr):
-  for eqn in jaxpr.eqns:
-    yield eqn
-    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-      yield from _all_eqns(sub)
-
-
 def _largest_array(f, *args):
   jaxpr = jax.make_jaxpr(f)(*args).jaxpr
   return max(
       int(np.prod(var.aval.shape))
-      for eqn in _all_eqns(jaxpr)
+      for eqn in all_eqns(jaxpr)
       for var in eqn.outvars
       if hasattr(var.aval, "shape")
   )
