@@ -334,6 +334,9 @@ def print_summary(metrics: dict, timing: dict) -> None:
     if name != "fused":
       line += (f"; largest per-step loss difference from fused "
                f"{run['max_abs_loss_diff_vs_fused']:.2e} over {len(run['losses'])} steps")
+      if "max_abs_loss_diff_same_params" in run:
+        line += (f" (at the same, trained weights: {run['max_abs_loss_diff_same_params']:.2e} "
+                 "on the held-out batches)")
     print(line)
   if "memory" in metrics:
     print("XLA temp memory of one compiled train step (value_and_grad + AdamW):")

@@ -160,13 +160,16 @@ def train(name, loss_fn, cfg, args, data, heldout, order, clock, mesh=None):
                   "accuracies": [float(v) for v in accuracies], **run}, curve
 
 
-def heldout_loss(evaluate, params, heldout, batch_size) -> dict:
-  """Token-weighted mean loss, perplexity and next-token accuracy on the held-out windows."""
+def heldout_batches(heldout, batch_size):
   pad = -len(heldout.inputs) % batch_size  # whole batches: the extra rows are all masked out
   heldout = [np.pad(a, ((0, pad), (0, 0))) for a in heldout]
+  return [[a[lo:lo + batch_size] for a in heldout] for lo in range(0, len(heldout[0]), batch_size)]
+
+
+def heldout_loss(evaluate, params, heldout, batch_size) -> dict:
+  """Token-weighted mean loss, perplexity and next-token accuracy on the held-out windows."""
   sums, count = np.zeros(2), 0
-  for lo in range(0, len(heldout[0]), batch_size):
-    batch = [a[lo:lo + batch_size] for a in heldout]  # the fused loss, forward only
+  for batch in heldout_batches(heldout, batch_size):  # the fused loss, forward only
     n = int(batch[2].sum())
     sums, count = sums + np.asarray(evaluate(params, *batch), np.float64) * n, count + n
   loss, accuracy = sums / max(count, 1)
@@ -248,6 +251,13 @@ def main(argv=None) -> dict:
 
   if args.compare_unfused:
     runs["unfused"] = train("unfused", unfused_lm_loss, cfg, args, data, heldout, order, clock)[1]
+    # The two runs drift apart as Adam carries each step's rounding into the weights; at
+    # the same weights, the two losses differ by float32 rounding alone.
+    fused_eval, unfused_eval = (make_train_step(f, make_optimizer(args.lr, args.steps), cfg)[1]
+                                for f in (lm_loss, unfused_lm_loss))
+    runs["unfused"]["max_abs_loss_diff_same_params"] = max(
+        abs(float(fused_eval(params, *b)[0]) - float(unfused_eval(params, *b)[0]))
+        for b in heldout_batches(heldout, 4 * args.batch_size))
     clock.lap("train_unfused")
     sweep = memory_sweep(cfg, args.memory_tokens, args.memory_vocabs)
     example = {"vocab": cfg.vocab, "tokens": args.batch_size * cfg.seq_len,
