@@ -472,20 +472,39 @@ def _targets(labels, class_mask, eps, ct):
   return t
 
 
+def _sum_allowing_inf(t: jax.Array, d: jax.Array) -> jax.Array:
+  """``sum_j t_j d_j`` over the last axis for ``d`` in ``[0, inf]``, with ``0 * inf = 0``.
+
+  Each term is ``t_j ((max - x_j) + log_sum)``: non-negative, small numbers, no rounding
+  at the scale of the max. Arithmetic only, no select (a select would keep XLA:CPU from
+  fusing the sum with the shift): ``d`` is capped at the largest float, so a zero target
+  times an infinite distance is 0, and the targets are scaled by ``2**64`` (exactly)
+  before the product, so that any target mass above ``2**-64`` on a ``-inf`` logit
+  overflows to ``inf``, as it should. The scale is taken back out of the sum. The price:
+  a term ``t_j d_j`` of ``2**64`` (1.8e19) or more also overflows, and a mass of at most
+  ``2**-64`` on a ``-inf`` logit adds ``t_j * finfo.max`` (at most ``2**64``), not ``inf``.
+  """
+  big = jnp.finfo(d.dtype).max
+  return jnp.sum((t * 2.0**64) * jnp.minimum(d, big), -1) * 2.0**-64
+
+
 def _soft_fwd(logits, labels, class_mask, counts, cfg):
   ct = _dtypes.loss_dtype(logits.dtype)
   eps, z = cfg.label_smoothing, cfg.z_loss
   x = mask_logits(logits.astype(ct), class_mask)
   t = _targets(labels, class_mask, eps, ct)
-  row_max = jnp.max(x, -1, keepdims=True, initial=-jnp.inf)
-  offset = finite_offset(row_max)
-  sum_exp = jnp.sum(jnp.exp(x - offset), -1, keepdims=True)
+  big = jnp.finfo(ct).max
+  # The shift: the row max, or -big on a row with no finite logit (whose logits stay
+  # -inf after it, never -inf - -inf). The floor sits inside the reduction and the max
+  # feeds the shift directly: XLA:CPU then fuses max, shift and exp into one kernel (a
+  # per-row select in between splits it into passes that write the logits out).
+  offset = jnp.max(jnp.maximum(x, -big), -1, keepdims=True, initial=-jnp.inf)
+  shifted = x - offset
+  sum_exp = jnp.sum(jnp.exp(shifted), -1, keepdims=True)
   log_sum = safe_log_sum(sum_exp)
-  # sum_j t_j (lse - x_j), each term as t_j ((max - x_j) + log_sum): non-negative, small
-  # numbers (no rounding at the scale of max), and 0 * inf = 0.
-  loss = jnp.sum(times_allowing_inf(t, distance_below_max(x, offset) + log_sum), -1)
+  loss = _sum_allowing_inf(t, log_sum - shifted)
   sum_exp, log_sum = sum_exp[..., 0], log_sum[..., 0]
-  lse = row_max[..., 0] + log_sum
+  lse = offset[..., 0] + log_sum
   coef = jnp.sum(t, -1)
   if z > 0:
     loss = loss + z * jnp.square(lse)
@@ -553,7 +572,10 @@ def softmax_cross_entropy(
 
   Edge cases: a ``-inf`` logit with zero target mass contributes nothing
   (``0 * log 0 = 0``) and gets a finite gradient; one carrying target mass gives
-  loss ``inf``. Classes masked out by ``where`` are left out, and so is any label
+  loss ``inf`` (for a mass above ``2**-64``: a smaller one adds ``mass * finfo.max``, at
+  most ``2**64``, and so does any single term ``t_j (lse - x_j)`` of ``2**64`` or more,
+  which becomes ``inf``; that scaling keeps the forward pass one fused sweep on
+  XLA:CPU). Classes masked out by ``where`` are left out, and so is any label
   mass on them (as in optax); examples masked out give loss 0 and gradient 0. A
   ``+inf`` logit gives ``inf`` or NaN. bfloat16/float16 logits are computed in
   float32; the loss is float32 and each gradient has its argument's dtype.

@@ -600,6 +600,19 @@ def test_minus_inf_logit_carrying_target_mass_gives_inf():
   assert soft[0] == np.inf and np.isfinite(soft[1])
 
 
+@pytest.mark.parametrize("mass", [1e-15, 2.0**-63, 1e-30 * 2.0**40])
+def test_a_tiny_target_mass_on_a_minus_inf_logit_still_gives_inf(mass):
+  # The soft-label forward caps each distance and scales the targets by 2**64 to stay one
+  # fused sweep; any mass above 2**-64 on an impossible class must still give inf.
+  x = np.array([[0.0, -np.inf, 1.0], [0.0, -np.inf, 1.0]], np.float32)
+  t = np.array([[0.5, mass, 0.5], [0.5, 0.0, 0.5]], np.float32)
+  loss = f64(jax.jit(SOFT)(x, t))
+  assert loss[0] == np.inf
+  # The row without mass there: 0 * log 0 = 0, the textbook value of the two others.
+  lp = np_log_softmax(x[1:])[0]
+  np.testing.assert_allclose(loss[1], -0.5 * (lp[0] + lp[2]), rtol=1e-6)
+
+
 def test_mean_over_zero_total_weight_is_zero():
   # Every counted target has class weight 0 (torch: NaN). With smoothing the summed loss is
   # not 0, but the mean divides by the targets' weights: defined as 0, gradient 0.
