@@ -1,8 +1,9 @@
 """Softmax cross-entropy from logits, fused: integer labels and soft labels.
 
-Both losses are one ``jax.custom_vjp`` each. The forward pass makes two sweeps
-over the logits (the row max, then one fused sum of everything the loss needs)
-and the backward pass one sweep that writes the closed-form gradient
+Both losses are one ``jax.custom_vjp`` each. The forward pass sweeps the logits
+for the row max and then for one fused sum of everything the loss needs (for soft
+labels XLA:CPU runs the max, the shift and the exponential as one kernel, as it does
+optax's), and the backward pass makes one sweep that writes the closed-form gradient
 
     d loss / d logits = g * (a * softmax(logits) - target),
 
@@ -480,9 +481,11 @@ def _sum_allowing_inf(t: jax.Array, d: jax.Array) -> jax.Array:
   fusing the sum with the shift): ``d`` is capped at the largest float, so a zero target
   times an infinite distance is 0, and the targets are scaled by ``2**64`` (exactly)
   before the product, so that any target mass above ``2**-64`` on a ``-inf`` logit
-  overflows to ``inf``, as it should. The scale is taken back out of the sum. The price:
-  a term ``t_j d_j`` of ``2**64`` (1.8e19) or more also overflows, and a mass of at most
-  ``2**-64`` on a ``-inf`` logit adds ``t_j * finfo.max`` (at most ``2**64``), not ``inf``.
+  overflows to ``inf``, as it should. The scale is taken back out of the sum. The price,
+  with ``M = finfo.max / 2**64`` (1.8e19 in float32, 9.7e288 in float64): a row whose
+  loss is ``M`` or more overflows to ``inf``; a mass of at most ``2**-64`` on a ``-inf``
+  logit adds ``mass * finfo.max`` (at most ``M``), not ``inf``; and a target above
+  ``2**64`` in magnitude (a nonsense probability) gives NaN where its distance is 0.
   """
   big = jnp.finfo(d.dtype).max
   return jnp.sum((t * 2.0**64) * jnp.minimum(d, big), -1) * 2.0**-64
@@ -572,13 +575,14 @@ def softmax_cross_entropy(
 
   Edge cases: a ``-inf`` logit with zero target mass contributes nothing
   (``0 * log 0 = 0``) and gets a finite gradient; one carrying target mass gives
-  loss ``inf`` (for a mass above ``2**-64``: a smaller one adds ``mass * finfo.max``, at
-  most ``2**64``, and so does any single term ``t_j (lse - x_j)`` of ``2**64`` or more,
-  which becomes ``inf``; that scaling keeps the forward pass one fused sweep on
-  XLA:CPU). Classes masked out by ``where`` are left out, and so is any label
-  mass on them (as in optax); examples masked out give loss 0 and gradient 0. A
-  ``+inf`` logit gives ``inf`` or NaN. bfloat16/float16 logits are computed in
-  float32; the loss is float32 and each gradient has its argument's dtype.
+  loss ``inf`` (for a mass above ``2**-64``; a smaller one adds ``mass * finfo.max``
+  instead). A loss of ``finfo.max / 2**64`` or more (1.8e19 in float32) is returned as
+  ``inf``, and a target above ``2**64`` in magnitude gives NaN: the price of computing
+  ``0 * log 0`` in one fused sweep on XLA:CPU. Classes masked out by ``where`` are left
+  out, and so is any label mass on them (as in optax); examples masked out give loss 0
+  and gradient 0. A ``+inf`` logit gives NaN in its row (loss and gradients).
+  bfloat16/float16 logits are computed in float32; the loss is float32 and each
+  gradient has its argument's dtype.
 
   Args:
     logits: ``[..., num_classes]`` floating logits.
