@@ -620,6 +620,11 @@ def softmax_cross_entropy(
   if not jnp.issubdtype(labels.dtype, jnp.floating):
     labels = labels.astype(_dtypes.loss_dtype(logits.dtype))
   layout = to_class_layout(logits, axis, where)
+  if label_smoothing > 0 and layout.logits.shape[-1] == 0:
+    raise ValueError(
+        f"label_smoothing={label_smoothing} spreads mass over the classes, but logits of "
+        f"shape {logits.shape} have none along axis={axis}."
+    )
   counts = layout.counted()
   # Broadcast on the class axes only: labels shared by the batch stay that small.
   labels_last = like_logits(broadcast_classes_last(labels, logits.shape, layout.axes),

@@ -132,6 +132,14 @@ def test_label_smoothing_above_one_raises(name):
   jax.jit(lambda x: call(name, x=x, label_smoothing=1.0))(X)
 
 
+def test_label_smoothing_over_zero_classes_raises_naming_it():
+  empty = np.zeros((2, 0), np.float32)
+  with pytest.raises(ValueError, match=r"label_smoothing=0\.1 .* shape \(2, 0\)"):
+    SOFT(empty, empty, label_smoothing=0.1)
+  # Without smoothing an empty class axis sums to 0, as in optax.
+  np.testing.assert_array_equal(SOFT(empty, empty), optax.softmax_cross_entropy(empty, empty))
+
+
 def test_alpha_above_one_raises():
   with pytest.raises(ValueError, match="alpha"):
     FOCAL(X, X, alpha=1.25)
