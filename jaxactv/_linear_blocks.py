@@ -33,31 +33,38 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxactv._backend import min_chunk_rows, transpose_dw_operand, upcast_half_matmul_operands
 from jaxactv._vocab_parallel import vary_like
 
 # The chunk rule (chunk_size=None). Every block the loop makes takes at most these many
 # bytes in float32: a [rows, slice] block of logits and a [rows, D] chunk of x (or dx)
 # BLOCK_BYTES; a [D, slice] slice of w (or of dw) SLICE_BYTES. 16 MiB blocks keep the
 # value-and-grad at <= 1/8 of the unfused temp memory from V = 32768 (D = 256) up.
+# A chunk has at least min_chunk_rows() rows (jaxactv._backend) where the tokens allow.
 BLOCK_BYTES = 16 * 2**20
 SLICE_BYTES = 64 * 2**20
-MIN_ROWS = 128
 
 
-def default_chunks(num_tokens: int, local_classes: int, hidden: int) -> tuple[int, int]:
+def default_chunks(
+    num_tokens: int, local_classes: int, hidden: int, min_rows: int | None = None
+) -> tuple[int, int]:
   """``(rows, slice_width)`` for ``chunk_size=None``.
 
-  The slice is the whole (local) vocabulary when both ``MIN_ROWS`` rows of it fit in
+  The slice is the whole (local) vocabulary when both ``min_rows`` rows of it fit in
   ``BLOCK_BYTES`` and ``hidden`` rows of it in ``SLICE_BYTES`` (float32); otherwise
   the widest multiple of 128 classes for which both hold. Rows then fill
   ``BLOCK_BYTES`` for the logits and for the ``[rows, hidden]`` chunk of ``x``, as a
-  multiple of 8, at most the number of tokens (rounded up to 8).
+  multiple of 8, at most the number of tokens (rounded up to 8). ``min_rows``
+  defaults to the backend's (``_backend.min_chunk_rows``); with fewer tokens than
+  that, the slice is as wide as the tokens allow.
   """
-  most = min(BLOCK_BYTES // (4 * MIN_ROWS), SLICE_BYTES // (4 * hidden))
+  padded_tokens = max(8, -(-num_tokens // 8) * 8)
+  min_rows = min(min_chunk_rows() if min_rows is None else min_rows, padded_tokens)
+  most = min(BLOCK_BYTES // (4 * min_rows), SLICE_BYTES // (4 * hidden))
   width = local_classes if local_classes <= most else max(128, most // 128 * 128)
   rows = min(BLOCK_BYTES // (4 * width), BLOCK_BYTES // (4 * hidden))
   rows = max(8, rows // 8 * 8)
-  rows = min(rows, max(8, -(-num_tokens // 8) * 8))
+  rows = min(rows, padded_tokens)
   return rows, width
 
 
@@ -130,6 +137,8 @@ def matmul(a, b, contract, ct, like=None):
   ``like``: an array whose sharding the result takes under explicit sharding.
   """
   out = None if like is None else explicit_sharding(like)
+  if upcast_half_matmul_operands(jnp.promote_types(a.dtype, b.dtype)):
+    a, b = a.astype(ct), b.astype(ct)  # exact: see _backend
   return lax.dot_general(
       a, b, (contract, ((), ())), preferred_element_type=ct, out_sharding=out
   )
@@ -300,19 +309,25 @@ def grad_sweep(
   every weight); their ``dz`` is selected to 0 for the same reason. ``dx_chunk`` is
   this shard's partial sum over its classes.
   """
+  # The matmuls take their operands in the inputs' dtype (bf16 runs at bf16 speed) and
+  # accumulate in the compute dtype; where they are converted anyway (CPU), the
+  # logits' cotangent stays unrounded.
   md = jnp.promote_types(xc.dtype, w.dtype)
+  md = ct if upcast_half_matmul_operands(md) else md
   x_counted = jnp.where(rows_count[:, None], xc, 0).astype(md)
+  if transpose_dw_operand():
+    x_t, dw_contract = lax.optimization_barrier(x_counted.T), ((1,), (0,))
+  else:
+    x_t, dw_contract = x_counted, ((0,), (0,))
 
   def fold(carry, lo, w_k, cls_k):
     dx, dw, db = carry
     z = block if block is not None else block_logits(xc, w_k, cls_k[0], spec, ct)
     dz = through_logits(dlogits(z, lo, cls_k), z, spec)
     dz = jnp.where(rows_count[:, None], dz, 0.0)
-    # The matmuls take their operands in the inputs' dtype (bf16 runs at bf16 speed)
-    # and accumulate in the compute dtype.
     dz_m = dz.astype(md)
     dx = dx + matmul(dz_m, w_k, ((1,), (1,)), ct, like=dx)
-    dw_k = matmul(x_counted, dz_m, ((0,), (0,)), ct, like=w_k)
+    dw_k = matmul(x_t, dz_m, dw_contract, ct, like=w_k)
     dw = lax.dynamic_update_slice_in_dim(
         dw, lax.dynamic_slice_in_dim(dw, lo, dw_k.shape[1], axis=1) + dw_k, lo, axis=1
     )

@@ -2,8 +2,10 @@
 
 jaxactv._backend picks, per backend and dtype, whether a cross-entropy backward
 reuses the forward's exponentials (float32 on CPU) or recomputes them (GPU, TPU,
-half precision). The tests run on CPU, so the accelerator form is forced here and
-both are checked against the unfused reference twins.
+half precision), which residual the sigmoid keeps, and how the fused linear ops call
+their matmuls (CPU: half-precision operands converted to float32 first, ``x^T``
+transposed for ``dw``). The tests run on CPU, so the accelerator forms are forced
+here and every form is checked against the unfused reference twins.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import numpy as np
 import pytest
 
 import jaxactv
-from jaxactv import _cross_entropy, _sigmoid, reference
+from jaxactv import _cross_entropy, _linear_blocks, _sigmoid, reference
 
 
 @pytest.fixture(params=[True, False], ids=["reuse", "recompute"])
@@ -102,3 +104,64 @@ def test_sigmoid_residual_forms(sigmoid_residual, dtype):
     s = 1 / (1 + np.exp(-x64))
     np.testing.assert_allclose(np.asarray(h, np.float64), np.diag(s * (1 - s) * (1 - 2 * s)),
                                rtol=1e-5, atol=1e-12)
+
+
+# --------------------------------------------- fused linear ops: the two matmul forms
+
+
+@pytest.fixture(params=[True, False], ids=["cpu matmuls", "accelerator matmuls"])
+def matmul_form(request, monkeypatch):
+  monkeypatch.setattr(_linear_blocks, "upcast_half_matmul_operands", lambda dtype: request.param)
+  monkeypatch.setattr(_linear_blocks, "transpose_dw_operand", lambda: request.param)
+  jax.clear_caches()
+  yield request.param
+  jax.clear_caches()
+
+
+@pytest.mark.parametrize("chunk_size", [(16, 64), (8, 24)], ids=["one slice", "slices"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_linear_matmul_forms(matmul_form, chunk_size, dtype):
+  rng = np.random.default_rng(3)
+  n, d, v = 37, 16, 64
+  x = jnp.asarray(rng.standard_normal((n, d)), dtype)
+  w = jnp.asarray(rng.standard_normal((d, v)) / 4, dtype)
+  b = jnp.asarray(rng.standard_normal(v) / 4, dtype)
+  y = jnp.asarray(rng.integers(0, v, n), jnp.int32)
+  mask = jnp.asarray(rng.random(n) > 0.2)
+
+  def ce(fn, **kw):
+    return lambda x, w, b: fn(x, w, y, bias=b, where=mask, label_smoothing=0.1, **kw)
+
+  got = jax.jit(jax.value_and_grad(
+      ce(jaxactv.linear_softmax_cross_entropy, chunk_size=chunk_size), (0, 1, 2)))(x, w, b)
+  want = jax.value_and_grad(ce(reference.linear_softmax_cross_entropy), (0, 1, 2))(x, w, b)
+  f32 = lambda t: np.asarray(jnp.asarray(t, jnp.float32))
+  np.testing.assert_allclose(f32(got[0]), f32(want[0]), rtol=2e-5)
+  for g, r in zip(got[1], want[1], strict=True):
+    assert g.dtype == dtype
+    close_to_reference(f32(g), f32(r), dtype, matmul_form)
+
+  def lp(fn, **kw):
+    return lambda x, w: fn(x, w, y, bias=b, return_entropy=True, **kw)
+
+  def total(f):
+    return lambda x, w: sum(jnp.sum(t) for t in f(x, w))
+
+  fused = lp(jaxactv.linear_log_probs, chunk_size=chunk_size)
+  got = jax.jit(jax.value_and_grad(total(fused), (0, 1)))(x, w)
+  want = jax.value_and_grad(total(lp(reference.linear_log_probs)), (0, 1))(x, w)
+  np.testing.assert_allclose(f32(got[0]), f32(want[0]), rtol=2e-5)
+  for g, r in zip(got[1], want[1], strict=True):
+    close_to_reference(f32(g), f32(r), dtype, matmul_form)
+
+
+def close_to_reference(got, want, dtype, cpu_form):
+  if dtype == jnp.float32:
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-6)
+  elif cpu_form:
+    # Everything in float32, one rounding at the end: within an ulp of bfloat16 (2**-7).
+    np.testing.assert_allclose(got, want, rtol=2**-7, atol=1e-6)
+  else:
+    # The logits' cotangent is rounded to bfloat16 for the matmuls, as an unfused
+    # bfloat16 model would: an ulp of the largest entry.
+    np.testing.assert_allclose(got, want, rtol=0, atol=2**-7 * np.abs(want).max())

@@ -284,8 +284,13 @@ def test_default_chunk_rule():
   from jaxactv._linear_blocks import SLICE_BYTES
   from jaxactv._linear_cross_entropy import BLOCK_BYTES, default_chunks
 
-  rows, width = default_chunks(100_000, 32768, 256)
+  # The accelerators' rule (128 rows at least): 32768 classes fit one slice.
+  rows, width = default_chunks(100_000, 32768, 256, min_rows=128)
   assert width == 32768 and rows * width * 4 <= BLOCK_BYTES and rows % 8 == 0
+  # CPU's (512 rows at least): 16 MiB / (4 * 512) = 8192 classes per slice, 512 rows.
+  assert default_chunks(100_000, 32768, 256, min_rows=512) == (512, 8192)
+  # Fewer tokens than min_rows: the slice is as wide as those tokens allow.
+  assert default_chunks(100, 32768, 256, min_rows=512) == (104, 32768)
   rows, width = default_chunks(100_000, 262144, 256)
   assert width < 262144 and width % 128 == 0 and rows * width * 4 <= BLOCK_BYTES
   assert default_chunks(5, 1000, 64) == (8, 1000)
