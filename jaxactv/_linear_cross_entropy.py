@@ -413,9 +413,10 @@ def linear_softmax_cross_entropy(
   every block takes a fixed budget whatever ``D`` is: a ``[rows, slice]`` block of
   float32 logits and a ``[rows, D]`` chunk of ``x`` at most 16 MiB each, a
   ``[D, slice]`` slice of ``w`` (and of ``dw``) at most 64 MiB in float32. The
-  slice is the whole vocabulary when that allows 128 rows, else the widest
-  multiple of 128 classes that fits; the rows then fill the blocks, as a multiple
-  of 8. An int ``chunk_size`` sets the rows (the slice stays the whole vocabulary);
+  slice is the whole vocabulary when that allows 128 rows (512 on CPU, where the
+  ``dw`` matmul wants the longer contraction: ``jaxactv._backend``), else the
+  widest multiple of 128 classes that fits; the rows then fill the blocks, as a
+  multiple of 8. An int ``chunk_size`` sets the rows (the slice stays the whole vocabulary);
   a pair ``(rows, slice)`` sets both. Chunks are strided columns of the tokens, so
   a token axis sharded over a mesh axis stays sharded: each device computes its
   own tokens. Tokens are padded to a whole number of chunks; a last, narrower
