@@ -40,8 +40,10 @@ def keep_sigmoid_of_minus_abs(input_dtype) -> bool:
 
 # The fused linear ops (jaxactv._linear_blocks). Measured on a 2-core AMD EPYC (AVX2, no
 # native bfloat16), jax 0.10.2, N x D x V = 1024 x 256 x 131072 and 2048 x 256 x 32768,
-# value and gradient: the three forms below took the bfloat16 loss from 1.13-1.53x to
-# 0.85x the unfused x @ w + optax, and the float32 one from 1.0-1.1x to 0.6-0.9x.
+# value and gradient: the three forms below took the bfloat16 loss from 1.13-1.39x to
+# 0.81-0.83x the unfused x @ w + optax, and the float32 one from 1.01-1.09x to
+# 0.60-0.85x (benchmarks/results/). Like every choice here, they follow the backend
+# that traces the program: jax.export for another platform keeps the tracing one's.
 
 
 def upcast_half_matmul_operands(operand_dtype) -> bool:
@@ -51,7 +53,8 @@ def upcast_half_matmul_operands(operand_dtype) -> bool:
   (``preferred_element_type``) about 2x slower than the float32 dot of the same
   operands converted. The conversion is exact, and so is every product (of two 8- or
   11-bit significands) in float32, so only the summation order may differ. The
-  converts stay inside the token loop, on one slice of ``w`` at a time.
+  converts stay inside the token loop, on one slice of ``w`` at a time, and only
+  where that float32 slice fits the slice budget (``_linear_blocks.matmul``).
   Accelerators run the mixed-precision dot natively.
   """
   return jax.default_backend() == "cpu" and jnp.dtype(operand_dtype).itemsize < 4

@@ -137,8 +137,14 @@ def matmul(a, b, contract, ct, like=None):
   ``like``: an array whose sharding the result takes under explicit sharding.
   """
   out = None if like is None else explicit_sharding(like)
-  if upcast_half_matmul_operands(jnp.promote_types(a.dtype, b.dtype)):
-    a, b = a.astype(ct), b.astype(ct)  # exact: see _backend
+  half = [t.dtype for t in (a, b) if jnp.dtype(t.dtype).itemsize < 4]
+  if half and upcast_half_matmul_operands(half[0]):
+    # Both in float32 (exact: see _backend) when the converted copies stay within the
+    # slice budget; a bigger operand (a whole w passed as one slice by an explicit
+    # chunk_size) stays in half precision, and so does its partner, rather than be
+    # copied whole in float32 outside the token loop.
+    fits = max(a.size, b.size) * 4 <= SLICE_BYTES
+    a, b = (t.astype(ct if fits else half[0]) for t in (a, b))
   return lax.dot_general(
       a, b, (contract, ((), ())), preferred_element_type=ct, out_sharding=out
   )
@@ -182,7 +188,7 @@ def label_value(z, lo, local_idx, here):
   A masked sum over the block, not a gather: it needs no sharding of its own.
   """
   cols = lo + lax.broadcasted_iota(jnp.int32, (1, z.shape[1]), 1)
-  hit = (cols == local_idx[:, None]) & here[:, None]
+  hit = (cols == local_idx[:, None].astype(cols.dtype)) & here[:, None]
   return jnp.sum(jnp.where(hit, z, 0.0), -1)
 
 

@@ -207,7 +207,7 @@ def _ce_dlogits(lse, coef, w_y, g, local_idx, here, cfg, num_classes):
       spread = (g * (eps / num_classes))[:, None]
       dz = dz - (spread if cw_k is None else spread * cw_k.astype(dz.dtype))
     cols = lo + lax.broadcasted_iota(jnp.int32, (1, z.shape[1]), 1)
-    is_label = (cols == local_idx[:, None]) & here[:, None]
+    is_label = (cols == local_idx[:, None].astype(cols.dtype)) & here[:, None]
     at_label = g * (1.0 - eps) * (1.0 if w_y is None else w_y)
     return dz - jnp.where(is_label, at_label[:, None], 0.0)
 
@@ -414,9 +414,10 @@ def linear_softmax_cross_entropy(
   float32 logits and a ``[rows, D]`` chunk of ``x`` at most 16 MiB each, a
   ``[D, slice]`` slice of ``w`` (and of ``dw``) at most 64 MiB in float32. The
   slice is the whole vocabulary when that allows 128 rows (512 on CPU, where the
-  ``dw`` matmul wants the longer contraction: ``jaxactv._backend``), else the
-  widest multiple of 128 classes that fits; the rows then fill the blocks, as a
-  multiple of 8. An int ``chunk_size`` sets the rows (the slice stays the whole vocabulary);
+  ``dw`` matmul wants the longer contraction: ``jaxactv._backend``; as many as there
+  are tokens, if fewer), else the widest multiple of 128 classes that fits; the rows
+  then fill the blocks, as a multiple of 8. An int ``chunk_size`` sets the rows (the
+  slice stays the whole vocabulary);
   a pair ``(rows, slice)`` sets both. Chunks are strided columns of the tokens, so
   a token axis sharded over a mesh axis stays sharded: each device computes its
   own tokens. Tokens are padded to a whole number of chunks; a last, narrower

@@ -115,7 +115,7 @@ def _lp_dlogits(lse, ent, g_lp, g_ent, local_idx, here):
         log_p + ent[:, None]
     )
     cols = lo + jax.lax.broadcasted_iota(jnp.int32, (1, z.shape[1]), 1)
-    is_token = (cols == local_idx[:, None]) & here[:, None]
+    is_token = (cols == local_idx[:, None].astype(cols.dtype)) & here[:, None]
     return jnp.where(is_token, g_lp[:, None], 0.0) - p * inner
 
   return dlogits

@@ -23,6 +23,7 @@ def _ops(dtype):
   y = jnp.asarray(np.abs(np.sin(X)), dtype)
   lab = jnp.asarray(LABELS)
   w = jnp.linspace(0.5, 2.0, 6).astype(dtype)
+  head = jnp.asarray(np.cos(np.arange(30.0)).reshape(6, 5), dtype)
   return {
       "sigmoid": lambda x: jaxactv.sigmoid(x).astype(jnp.float32).sum(),
       "log_sigmoid": lambda x: jaxactv.log_sigmoid(x).astype(jnp.float32).sum(),
@@ -40,6 +41,15 @@ def _ops(dtype):
       "focal": lambda x: jaxactv.sigmoid_focal_loss(x, y, 0.25, 2.0, reduction="mean"),
       "kl": lambda x: jaxactv.kl_divergence_from_logits(x, x[::-1], reduction="mean"),
       "entropy": lambda x: jaxactv.entropy_from_logits(x, reduction="mean"),
+      # x as hidden states [4, 6] and a [6, 5] head, in one slice and in several.
+      "linear_ce": lambda x: jaxactv.linear_softmax_cross_entropy(
+          x, head, lab % 5, label_smoothing=0.1, z_loss=1e-3),
+      "linear_ce_sliced": lambda x: jaxactv.linear_softmax_cross_entropy(
+          x, head, lab % 5, chunk_size=(2, 2)),
+      "linear_log_probs": lambda x: sum(
+          t.astype(jnp.float32).sum()
+          for t in jaxactv.linear_log_probs(x, head, lab % 5, return_entropy=True,
+                                            chunk_size=(2, 3))),
   }
 
 
