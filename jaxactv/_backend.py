@@ -37,7 +37,6 @@ def keep_sigmoid_of_minus_abs(input_dtype) -> bool:
   return jax.default_backend() == "cpu" and jnp.dtype(input_dtype).itemsize < 4
 
 
-
 # The fused linear ops (jaxactv._linear_blocks). Measured on a 2-core AMD EPYC (AVX2, no
 # native bfloat16), jax 0.10.2, N x D x V = 1024 x 256 x 131072 and 2048 x 256 x 32768,
 # value and gradient: the three forms below took the bfloat16 loss from 1.13-1.39x to

@@ -182,14 +182,23 @@ def through_logits(dz, z, spec: LogitsSpec):
   return dz
 
 
+def is_label(z, lo, local_idx, here):
+  """``[rows, slice]`` mask: column ``j`` of the block starting at class ``lo`` is row
+  ``r``'s label (``local_idx[r] - lo == j``) and that label is on this shard.
+
+  Class ids are compared as int32 (the block's columns), whatever the labels' dtype:
+  int64 labels under x64 then pass strict dtype promotion too.
+  """
+  cols = lo + lax.broadcasted_iota(jnp.int32, (1, z.shape[1]), 1)
+  return (cols == local_idx[:, None].astype(jnp.int32)) & here[:, None]
+
+
 def label_value(z, lo, local_idx, here):
   """``z[r, local_idx[r] - lo]`` where that class is in this block (and here), else 0.
 
   A masked sum over the block, not a gather: it needs no sharding of its own.
   """
-  cols = lo + lax.broadcasted_iota(jnp.int32, (1, z.shape[1]), 1)
-  hit = (cols == local_idx[:, None].astype(cols.dtype)) & here[:, None]
-  return jnp.sum(jnp.where(hit, z, 0.0), -1)
+  return jnp.sum(jnp.where(is_label(z, lo, local_idx, here), z, 0.0), -1)
 
 
 def over_slices(w, per_class, width, body, carry):

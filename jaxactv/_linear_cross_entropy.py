@@ -44,6 +44,7 @@ from jaxactv._linear_blocks import (
     chunk_sizes,
     grad_accumulators,
     grad_sweep,
+    is_label,
     label_value,
     like_classes,
     like_tokens,
@@ -206,10 +207,8 @@ def _ce_dlogits(lse, coef, w_y, g, local_idx, here, cfg, num_classes):
     if eps > 0:
       spread = (g * (eps / num_classes))[:, None]
       dz = dz - (spread if cw_k is None else spread * cw_k.astype(dz.dtype))
-    cols = lo + lax.broadcasted_iota(jnp.int32, (1, z.shape[1]), 1)
-    is_label = (cols == local_idx[:, None].astype(cols.dtype)) & here[:, None]
     at_label = g * (1.0 - eps) * (1.0 if w_y is None else w_y)
-    return dz - jnp.where(is_label, at_label[:, None], 0.0)
+    return dz - jnp.where(is_label(z, lo, local_idx, here), at_label[:, None], 0.0)
 
   return dlogits
 

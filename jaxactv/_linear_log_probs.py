@@ -38,6 +38,7 @@ from jaxactv._linear_blocks import (
     chunk_sizes,
     grad_accumulators,
     grad_sweep,
+    is_label,
     label_value,
     like_classes,
     like_tokens,
@@ -114,9 +115,7 @@ def _lp_dlogits(lse, ent, g_lp, g_ent, local_idx, here):
     inner = g_lp[:, None] if g_ent is None else g_lp[:, None] + g_ent[:, None] * (
         log_p + ent[:, None]
     )
-    cols = lo + jax.lax.broadcasted_iota(jnp.int32, (1, z.shape[1]), 1)
-    is_token = (cols == local_idx[:, None].astype(cols.dtype)) & here[:, None]
-    return jnp.where(is_token, g_lp[:, None], 0.0) - p * inner
+    return jnp.where(is_label(z, lo, local_idx, here), g_lp[:, None], 0.0) - p * inner
 
   return dlogits
 
