@@ -119,19 +119,29 @@ def normalize(x: jax.Array, axes: tuple[int, ...]) -> Normalized:
 class ShiftedRows(NamedTuple):
   """softmax's and log_softmax's forward pass, in arithmetic XLA fuses into one kernel.
 
-  ``big`` is the largest finite value of the input's dtype (``x`` may be half
-  precision, computed in float32). Clamping the logits at ``big`` puts a ``+inf`` row's
-  ``+inf`` entries at 0 after the shift and all its other entries far below; an empty
-  row is shifted by ``-big`` and keeps its ``-inf`` entries. Only ``min``, ``max`` and
-  arithmetic: XLA:CPU fuses them with both reductions and the output into one kernel
-  (as it does ``jax.nn.softmax``), where a select on the row max splits it into passes
-  that each write a logits-sized buffer.
+  The row max ``m`` is taken over the raw logits; the shift is ``c = m`` clamped to
+  ``[-big, big]``, ``big`` the largest finite value of the input's dtype (``x`` may be
+  half precision, computed in float32), and the shifted logits are
+  ``min(x - c, big - c)``. The edges need no select:
+
+  * a ``+inf`` row: ``c = big``, so its ``+inf`` entries shift to ``min(inf, 0) = 0``
+    and its finite ones to at most ``-ulp(big)`` (``-2**104`` in float32, ``-32`` for
+    float16), whose exponential rounds to 0 in the output;
+  * an empty row (every entry ``-inf`` or masked): ``c = -big`` and every entry stays
+    ``-inf`` (``-inf - -inf`` would be NaN), so the sum is 0;
+  * a NaN propagates through the max to its own row.
+
+  Only ``max``, ``min`` and arithmetic, on the logits and on per-row numbers: XLA:CPU
+  fuses them with both reductions and the output into one kernel at rows of 1024
+  (as it does ``jax.nn.softmax``), where a select, a ``clamp`` or a clamp of the logits
+  inside the max costs a kernel split or a pass per logit.
   """
 
-  shifted: jax.Array  # min(x, big) - offset: <= 0, 0 at a row max, -inf at -inf
-  clamped_max: jax.Array  # max of min(x, big) (keepdims): -inf on an empty row
+  shifted: jax.Array  # min(x - c, big - c): <= 0, 0 at a row max, -inf at -inf
+  offset: jax.Array  # c, the row max clamped to [-big, big] (keepdims)
   sum_exp: jax.Array  # sum of exp(shifted): >= 1 on a row with an entry, else 0
-  prev_big: float  # the float just below big
+  prev_big: float  # the float just below big, in the input's dtype
+  overflow: float  # 2**127 / ulp(big): times ulp(big), a factor that sends -ulp(big) to -inf
 
   @property
   def safe_sum_exp(self) -> jax.Array:
@@ -142,10 +152,10 @@ class ShiftedRows(NamedTuple):
     return jnp.exp(self.shifted) / self.safe_sum_exp
 
   def log_probs(self) -> jax.Array:
-    # scale is 1 on every row but a +inf one, where it is 1 + ulp(big) (2**104 in
-    # float32): there every shifted finite logit, at most -ulp(big), overflows to -inf
-    # and the +inf entries' 0 stays 0. A multiply, where a select would split the kernel.
-    scale = 1.0 + jnp.maximum(self.clamped_max - self.prev_big, 0.0)
+    # scale is 1 on every row but a +inf one (c = big), where it is 1 + 2**127: there
+    # every finite logit, shifted to at most -ulp(big), overflows to -inf, and the +inf
+    # entries' 0 stays 0. A multiply, where a select would split the kernel.
+    scale = 1.0 + jnp.maximum(self.offset - self.prev_big, 0.0) * self.overflow
     # (x - max) - log_sum: both differences small, so the result keeps an ulp of itself.
     return self.shifted * scale - jnp.log(self.safe_sum_exp)
 
@@ -154,16 +164,19 @@ def shift_rows(x: jax.Array, axes: tuple[int, ...], ct) -> ShiftedRows:
   """One max pass and one sum-of-exp pass over ``x`` (masked, in its own dtype), in ``ct``."""
   big = float(jnp.finfo(x.dtype).max)
   prev_big = float(np.nextafter(np.asarray(big, x.dtype), np.asarray(0, x.dtype)))
-  # The max of the clamped logits, in x's own dtype (exact): never +inf.
-  row_max = jnp.max(jnp.minimum(x, big), axes, keepdims=True, initial=-jnp.inf)
+  # The max in x's own dtype (exact), with nothing between it and the shift but per-row
+  # arithmetic. The -inf start only matters for an axis of size 0.
+  row_max = jnp.max(x, axes, keepdims=True, initial=-jnp.inf)
   row_max = lax.stop_gradient(row_max.astype(ct))
-  offset = jnp.maximum(row_max, -big)  # -big on an empty row: -inf - offset = -inf
-  # min(x, big) - offset with the clamp on a per-row number (big - offset >= 0: a no-op
-  # on finite logits, +inf -> 0), so that this and the max share no logits-sized
-  # intermediate, which XLA:CPU would write out.
+  # Clamped to [-big, big] as two maxes: XLA rewrites min(max(m, -big), big) into a
+  # clamp, which YNNPACK fuses into no kernel.
+  offset = -jnp.maximum(-jnp.maximum(row_max, -big), -big)
+  # Capped at big - c (a per-row number), not at 0: on a finite row the cap is never
+  # reached, so the derivative at the row max stays 1 (min splits it at a tie) and
+  # reverse-over-reverse is exact; on a +inf row the cap is 0.
   shifted = jnp.minimum(x.astype(ct) - offset, big - offset)
   sum_exp = jnp.sum(jnp.exp(shifted), axes, keepdims=True)
-  return ShiftedRows(shifted, row_max, sum_exp, prev_big)
+  return ShiftedRows(shifted, offset, sum_exp, prev_big, 2.0**127 / (big - prev_big))
 
 
 def _prepare(x, axis, where, allow_empty=False):

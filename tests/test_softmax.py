@@ -511,6 +511,23 @@ def test_plus_inf_logits_share_probability(k):
   assert_values("log_softmax", logp[1:], x[1:], (1,))
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+def test_plus_inf_row_beats_the_largest_finite_logits(dtype):
+  # The finite logits sit one and two steps below the dtype's largest float, the
+  # closest any finite logit comes to a +inf one: they still get probability 0 and
+  # log-probability -inf (float16's step there is 32, so e**-32 must not survive).
+  big = np.asarray(jnp.finfo(dtype).max, np.float64)
+  below = np.nextafter(np.asarray(big, dtype), np.asarray(0, dtype)).astype(np.float64)
+  two_below = np.nextafter(np.asarray(below, dtype), np.asarray(0, dtype)).astype(np.float64)
+  x = jnp.asarray(np.array([[below, np.inf, two_below, 0.0, np.inf, -big]]), dtype)
+  is_inf = np.array([False, True, False, False, True, False])
+  p = f64(jax.jit(jaxactv.softmax)(x))
+  np.testing.assert_array_equal(p[0], np.where(is_inf, 0.5, 0.0))
+  logp = f64(jax.jit(jaxactv.log_softmax)(x))
+  np.testing.assert_allclose(logp[0, is_inf], -np.log(2.0), rtol=2.0**-7)
+  assert np.all(logp[0, ~is_inf] == -np.inf), logp
+
+
 def test_jax_nn_softmax_is_nan_on_plus_inf_row():
   # What the +inf policy improves on: jax.nn gives a NaN row (inf - inf).
   p = jax.jit(jax.nn.softmax)(jnp.array([np.inf, 1.0, 2.0], jnp.float32))
