@@ -64,8 +64,11 @@ def safe_log_sum(sum_exp: jax.Array) -> jax.Array:
 
   Such a row's loss is then ``inf`` (the target's ``-inf`` logits) or 0 (no target
   mass), never ``-inf + inf``: no NaN is computed, so ``checkify`` stays silent.
+  Every other row's sum is at least 1 (its max logit contributes ``exp(0)``), so a
+  max with 1 does it: arithmetic, which XLA:CPU fuses into the loss's kernel, where a
+  select on the row sum splits it (optax's loss at 4096 x 1024 is one kernel).
   """
-  return jnp.log(jnp.where(sum_exp == 0, 1.0, sum_exp))
+  return jnp.log(jnp.maximum(sum_exp, 1.0))
 
 
 def finite_offset(row_max: jax.Array) -> jax.Array:
@@ -78,16 +81,18 @@ def finite_offset(row_max: jax.Array) -> jax.Array:
   return jnp.where(jnp.isfinite(row_max), row_max, 0.0)
 
 
-def scaled_probs(x, offset, sum_exp, scale, logits_dtype):
+def scaled_probs(x, offset, sum_exp, scale, logits_dtype, floor=None):
   """``scale * softmax(x)`` in a backward pass, from the forward's per-row numbers.
 
-  On CPU this is the forward's own ``exp(x - offset)`` (XLA reuses it) times a
-  per-row factor; elsewhere ``exp(x - lse)``, which XLA recomputes in the
-  gradient's loop rather than keep a logits-sized buffer (see ``_backend``). An
-  empty row (``sum_exp = 0``) gives 0.
+  On CPU this is the forward's own ``exp(x - offset)`` (XLA reuses it; ``floor`` is
+  the forward's floor on ``x - offset``, if it had one, so that the expression is the
+  very same) times a per-row factor; elsewhere ``exp(x - lse)``, which XLA recomputes
+  in the gradient's loop rather than keep a logits-sized buffer (see ``_backend``).
+  An empty row (``sum_exp = 0``) gives 0.
   """
   if reuse_forward_exponentials(logits_dtype):
-    return jnp.exp(x - offset) * (scale / jnp.where(sum_exp == 0, 1.0, sum_exp))
+    shifted = x - offset if floor is None else jnp.maximum(x - offset, floor)
+    return jnp.exp(shifted) * (scale / jnp.where(sum_exp == 0, 1.0, sum_exp))
   lse = offset + jnp.log(sum_exp)
   return jnp.exp(x - jnp.where(lse == -jnp.inf, 0.0, lse)) * scale
 
@@ -473,22 +478,32 @@ def _targets(labels, class_mask, eps, ct):
   return t
 
 
+def shift_floor(ct) -> float:
+  """The soft-label loss's floor on ``x - max``: the float just above ``-finfo.max``.
+
+  Not ``-finfo.max`` itself, the floor of the row max: XLA would merge the two
+  constants' logits-sized broadcasts into one and write it out (16 MiB at 512 x 8192).
+  """
+  big = np.finfo(ct).max
+  return float(np.nextafter(-big, np.asarray(0, big.dtype)))
+
+
 def _sum_allowing_inf(t: jax.Array, d: jax.Array) -> jax.Array:
-  """``sum_j t_j d_j`` over the last axis for ``d`` in ``[0, inf]``, with ``0 * inf = 0``.
+  """``sum_j t_j d_j`` over the last axis for ``d`` capped at ``big``, with ``0 * inf = 0``.
 
   Each term is ``t_j ((max - x_j) + log_sum)``: non-negative, small numbers, no rounding
-  at the scale of the max. Arithmetic only, no select (a select would keep XLA:CPU from
-  fusing the sum with the shift): ``d`` is capped at the largest float, so a zero target
-  times an infinite distance is 0, and the targets are scaled by ``2**64`` (exactly)
-  before the product, so that any target mass above ``2**-64`` on a ``-inf`` logit
-  overflows to ``inf``, as it should. The scale is taken back out of the sum. The price,
-  with ``M = finfo.max / 2**64`` (1.8e19 in float32, 9.7e288 in float64): a row whose
-  loss is ``M`` or more overflows to ``inf``; a mass of at most ``2**-64`` on a ``-inf``
-  logit adds ``mass * finfo.max`` (at most ``M``), not ``inf``; and a target above
-  ``2**64`` in magnitude (a nonsense probability) gives NaN where its distance is 0.
+  at the scale of the max. The distance of a ``-inf`` logit is capped at about ``big``,
+  the largest float (the forward floors the shifted logits), so a zero target
+  there adds 0, and any target mass above ``2**-64`` there makes the row's sum
+  ``M = big * 2**-64`` or more (1.8e19 in float32, 9.7e288 in float64), which reads as
+  ``inf``, as it should. Arithmetic and one select per row, after the sum: a select per
+  logit (``where(t == 0, 0, t * d)``) would keep XLA:CPU from fusing the sum with the
+  shift. The price: a row whose loss is ``M`` or more is ``inf``, and a mass of at most
+  ``2**-64`` on a ``-inf`` logit adds ``mass * big`` (less than ``M``), not ``inf``.
   """
   big = jnp.finfo(d.dtype).max
-  return jnp.sum((t * 2.0**64) * jnp.minimum(d, big), -1) * 2.0**-64
+  total = jnp.sum(t * d, -1)
+  return jnp.where(total >= big * 2.0**-64, jnp.inf, total)
 
 
 def _soft_fwd(logits, labels, class_mask, counts, cfg):
@@ -502,7 +517,9 @@ def _soft_fwd(logits, labels, class_mask, counts, cfg):
   # feeds the shift directly: XLA:CPU then fuses max, shift and exp into one kernel (a
   # per-row select in between splits it into passes that write the logits out).
   offset = jnp.max(jnp.maximum(x, -big), -1, keepdims=True, initial=-jnp.inf)
-  shifted = x - offset
+  # Floored inside that kernel: a -inf logit's distance below the max is then about
+  # big, not inf, and the loss's own sum needs no cap per logit.
+  shifted = jnp.maximum(x - offset, shift_floor(ct))
   sum_exp = jnp.sum(jnp.exp(shifted), -1, keepdims=True)
   log_sum = safe_log_sum(sum_exp)
   loss = _sum_allowing_inf(t, log_sum - shifted)
@@ -529,7 +546,10 @@ def _soft_bwd(cfg, res, g):
   g = g.astype(ct)[..., None]
   offset, sum_exp = offset[..., None], sum_exp[..., None]
   t = _targets(labels, class_mask, eps, ct)
-  dlogits = scaled_probs(x, offset, sum_exp, g * coef[..., None], logits.dtype) - g * t
+  probs = scaled_probs(
+      x, offset, sum_exp, g * coef[..., None], logits.dtype, floor=shift_floor(ct)
+  )
+  dlogits = probs - g * t
   # d loss / d label_j = (1 - eps) * (lse - x_j): +inf at a -inf logit, 0 where masked.
   nll = safe_log_sum(sum_exp) + distance_below_max(x, offset)
   dlabels = times_allowing_inf((1.0 - eps) * g, nll)
@@ -577,12 +597,11 @@ def softmax_cross_entropy(
   (``0 * log 0 = 0``) and gets a finite gradient; one carrying target mass gives
   loss ``inf`` (for a mass above ``2**-64``; a smaller one adds ``mass * finfo.max``
   instead). A loss of ``finfo.max / 2**64`` or more (1.8e19 in float32) is returned as
-  ``inf``, and a target above ``2**64`` in magnitude gives NaN: the price of computing
-  ``0 * log 0`` in one fused sweep on XLA:CPU. Classes masked out by ``where`` are left
-  out, and so is any label mass on them (as in optax); examples masked out give loss 0
-  and gradient 0. A ``+inf`` logit gives NaN in its row (loss and gradients).
-  bfloat16/float16 logits are computed in float32; the loss is float32 and each
-  gradient has its argument's dtype.
+  ``inf``: the price of computing ``0 * log 0`` in one fused sweep on XLA:CPU.
+  Classes masked out by ``where`` are left out, and so is any label mass on them (as
+  in optax); examples masked out give loss 0 and gradient 0. A ``+inf`` logit gives
+  NaN in its row (loss and gradients). bfloat16/float16 logits are computed in
+  float32; the loss is float32 and each gradient has its argument's dtype.
 
   Args:
     logits: ``[..., num_classes]`` floating logits.

@@ -602,8 +602,9 @@ def test_minus_inf_logit_carrying_target_mass_gives_inf():
 
 @pytest.mark.parametrize("mass", [1e-15, 2.0**-63, 1e-30 * 2.0**40])
 def test_a_tiny_target_mass_on_a_minus_inf_logit_still_gives_inf(mass):
-  # The soft-label forward caps each distance and scales the targets by 2**64 to stay one
-  # fused sweep; any mass above 2**-64 on an impossible class must still give inf.
+  # The soft-label forward caps each distance at the largest float and reads a row sum of
+  # finfo.max / 2**64 or more as inf, to stay one fused sweep; any mass above 2**-64 on an
+  # impossible class must still give inf.
   x = np.array([[0.0, -np.inf, 1.0], [0.0, -np.inf, 1.0]], np.float32)
   t = np.array([[0.5, mass, 0.5], [0.5, 0.0, 0.5]], np.float32)
   loss = f64(jax.jit(SOFT)(x, t))
