@@ -202,8 +202,23 @@ def test_float16_arrays_of_two_to_the_sixteen_elements_are_silent():
 
 @functools.cache
 def _checked_ce(**kw):
-  f = functools.partial(jaxactv.softmax_cross_entropy_with_integer_labels, **kw)
+  f = functools.partial(jaxactv.softmax_cross_entropy_with_integer_labels, check_labels=True, **kw)
   return jax.jit(checkify.checkify(f, errors=checkify.all_checks))
+
+
+def test_label_check_is_opt_in_and_leaves_no_effect_by_default():
+  # A dropped debug_check still puts an error effect on the jaxpr, and a jit with
+  # effects loses its fast dispatch: the default trace must carry none.
+  f = jaxactv.softmax_cross_entropy_with_integer_labels
+  x, labels = jnp.zeros((2, 5)), jnp.array([0, 7])
+  assert not jax.make_jaxpr(f)(x, labels).effects
+  grad = jax.grad(lambda x, y: f(x, y, reduction="sum"))
+  assert not jax.make_jaxpr(grad)(x, labels).effects
+  assert jax.make_jaxpr(functools.partial(f, check_labels=True))(x, labels).effects
+  # Without it, the bad example's loss is NaN (the policy's answer, selected, not an
+  # arithmetic NaN), and checkify has nothing to report.
+  err, out = jax.jit(checkify.checkify(f, errors=checkify.all_checks))(x, labels)
+  assert np.isnan(np.asarray(out)[1]) and err.get() is None
 
 
 @pytest.mark.parametrize("bad", [7, -1])
@@ -224,14 +239,15 @@ def test_ignore_index_is_not_reported_and_gradient_check_is_silent():
   err, _ = _checked_ce(ignore_index=-100)(jnp.zeros((3, 4)), labels)
   assert err.get() is None
   grad = jax.grad(lambda x, y: jaxactv.softmax_cross_entropy_with_integer_labels(
-      x, y, ignore_index=-100, reduction="mean"))
+      x, y, ignore_index=-100, reduction="mean", check_labels=True))
   err, g = jax.jit(checkify.checkify(grad, errors=checkify.all_checks))(jnp.zeros((3, 4)), labels)
   assert err.get() is None
   np.testing.assert_array_equal(np.asarray(g[1]), 0.0)
 
 
 def test_out_of_range_label_in_the_gradient_is_reported_too():
-  grad = jax.grad(lambda x, y: jaxactv.softmax_cross_entropy_with_integer_labels(x, y).sum())
+  grad = jax.grad(lambda x, y: jaxactv.softmax_cross_entropy_with_integer_labels(
+      x, y, check_labels=True).sum())
   err, _ = jax.jit(checkify.checkify(grad, errors=checkify.all_checks))(
       jnp.zeros((2, 3)), jnp.array([0, 3]))
   assert err.get() is not None and "= 3 " in err.get() and "3 classes" in err.get()
