@@ -111,7 +111,10 @@ def _int_fwd(logits, labels, class_mask, class_weights, counts, cfg):
   shards = VocabShards(cfg.vocab_axis, logits.shape[-1])
   eps, z = cfg.label_smoothing, cfg.z_loss
   x = mask_logits(logits.astype(ct), class_mask)
-  row_max = shards.pmax(jnp.max(x, -1, keepdims=True, initial=-jnp.inf))
+  # The max in the logits' own dtype (exact), read straight from them: for half
+  # precision, XLA:CPU then needs no float32 copy before this pass.
+  row_max = jnp.max(mask_logits(logits, class_mask), -1, keepdims=True, initial=-jnp.inf)
+  row_max = shards.pmax(row_max.astype(ct))
   offset = finite_offset(row_max)
   local_idx, here = shards.local_index(labels)
   x_label = pick_class(x, local_idx)
