@@ -38,7 +38,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.typing import ArrayLike
 
@@ -125,8 +124,12 @@ class ShiftedRows(NamedTuple):
   ``min(x - c, big - c)``. The edges need no select:
 
   * a ``+inf`` row: ``c = big``, so its ``+inf`` entries shift to ``min(inf, 0) = 0``
-    and its finite ones to at most ``-ulp(big)`` (``-2**104`` in float32, ``-32`` for
-    float16), whose exponential rounds to 0 in the output;
+    and its other entries to at most ``-ulp(big)`` (``-2**104`` in float32, ``-32`` for
+    float16), whose exponential rounds to 0 in the output; a finite logit equal to
+    ``big`` itself also shifts to 0 there and counts as one of the ``+inf`` entries;
+  * a finite row whose max is ``big`` is an ordinary row (``m = big`` is not ``+inf``),
+    except that at ``x = big`` the cap ties with the shift, so second derivatives there
+    take half the true value;
   * an empty row (every entry ``-inf`` or masked): ``c = -big`` and every entry stays
     ``-inf`` (``-inf - -inf`` would be NaN), so the sum is 0;
   * a NaN propagates through the max to its own row.
@@ -138,10 +141,9 @@ class ShiftedRows(NamedTuple):
   """
 
   shifted: jax.Array  # min(x - c, big - c): <= 0, 0 at a row max, -inf at -inf
-  offset: jax.Array  # c, the row max clamped to [-big, big] (keepdims)
+  row_max: jax.Array  # m, the raw row max (keepdims): +inf on a +inf row
   sum_exp: jax.Array  # sum of exp(shifted): >= 1 on a row with an entry, else 0
-  prev_big: float  # the float just below big, in the input's dtype
-  overflow: float  # 2**127 / ulp(big): times ulp(big), a factor that sends -ulp(big) to -inf
+  big: float  # the input dtype's largest finite value
 
   @property
   def safe_sum_exp(self) -> jax.Array:
@@ -152,10 +154,12 @@ class ShiftedRows(NamedTuple):
     return jnp.exp(self.shifted) / self.safe_sum_exp
 
   def log_probs(self) -> jax.Array:
-    # scale is 1 on every row but a +inf one (c = big), where it is 1 + 2**127: there
-    # every finite logit, shifted to at most -ulp(big), overflows to -inf, and the +inf
-    # entries' 0 stays 0. A multiply, where a select would split the kernel.
-    scale = 1.0 + jnp.maximum(self.offset - self.prev_big, 0.0) * self.overflow
+    # scale is 1 on every row but a +inf one (m = inf), where it is 1 + 2**127: there
+    # every other logit, shifted to at most -ulp(big) (32 or more), overflows to -inf,
+    # and the +inf entries' 0 stays 0. min(max(m - big, 0), 2**127) as two maxes (not a
+    # clamp, not a select, which would split the kernel); a constant per row, so the
+    # scale adds nothing to any derivative.
+    scale = 1.0 - jnp.maximum(-jnp.maximum(self.row_max - self.big, 0.0), -(2.0**127))
     # (x - max) - log_sum: both differences small, so the result keeps an ulp of itself.
     return self.shifted * scale - jnp.log(self.safe_sum_exp)
 
@@ -163,7 +167,6 @@ class ShiftedRows(NamedTuple):
 def shift_rows(x: jax.Array, axes: tuple[int, ...], ct) -> ShiftedRows:
   """One max pass and one sum-of-exp pass over ``x`` (masked, in its own dtype), in ``ct``."""
   big = float(jnp.finfo(x.dtype).max)
-  prev_big = float(np.nextafter(np.asarray(big, x.dtype), np.asarray(0, x.dtype)))
   # The max in x's own dtype (exact), with nothing between it and the shift but per-row
   # arithmetic. The -inf start only matters for an axis of size 0.
   row_max = jnp.max(x, axes, keepdims=True, initial=-jnp.inf)
@@ -171,12 +174,12 @@ def shift_rows(x: jax.Array, axes: tuple[int, ...], ct) -> ShiftedRows:
   # Clamped to [-big, big] as two maxes: XLA rewrites min(max(m, -big), big) into a
   # clamp, which YNNPACK fuses into no kernel.
   offset = -jnp.maximum(-jnp.maximum(row_max, -big), -big)
-  # Capped at big - c (a per-row number), not at 0: on a finite row the cap is never
+  # Capped at big - c (a per-row number), not at 0: below big the cap is never
   # reached, so the derivative at the row max stays 1 (min splits it at a tie) and
   # reverse-over-reverse is exact; on a +inf row the cap is 0.
   shifted = jnp.minimum(x.astype(ct) - offset, big - offset)
   sum_exp = jnp.sum(jnp.exp(shifted), axes, keepdims=True)
-  return ShiftedRows(shifted, offset, sum_exp, prev_big, 2.0**127 / (big - prev_big))
+  return ShiftedRows(shifted, row_max, sum_exp, big)
 
 
 def _prepare(x, axis, where, allow_empty=False):

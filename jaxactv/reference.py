@@ -173,9 +173,13 @@ def _loss_float(x):
 
 def softmax_cross_entropy_with_integer_labels(
     logits, labels, axis=-1, where=None, *, ignore_index=None, label_smoothing=0.0,
-    class_weights=None, z_loss=0.0, reduction="none", vocab_axis=None,
+    class_weights=None, z_loss=0.0, reduction="none", vocab_axis=None, check_labels=False,
 ):
-  """``-(1-eps) w_y log p_y - (eps/K) sum_j w_j log p_j + z lse^2``, unfused."""
+  """``-(1-eps) w_y log p_y - (eps/K) sum_j w_j log p_j + z lse^2``, unfused.
+
+  ``check_labels`` is accepted for the fused op's signature and does nothing here.
+  """
+  del check_labels
   logits = _loss_float(logits)
   labels = jnp.asarray(labels)
   if vocab_axis is not None:  # gather the vocabulary: obviously right, never fast

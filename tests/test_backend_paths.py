@@ -66,6 +66,28 @@ def test_soft_labels(backward_form, options):
                              atol=1e-7)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("scale", [1e4, 1e30])
+def test_large_logits_keep_the_gradient_exact(backward_form, dtype, scale):
+  # The recomputing form once took exp(x - lse), rounding lse at the scale of the max:
+  # at logits of 1e4 float32 probabilities were off by 5e-4, and bfloat16 [1e30, 1e30, 0]
+  # got gradient [0.5, 0.5, 0] for targets [0.5, 0.5, 0]. Float64 NumPy says:
+  base = np.array([[0.0, 0.0, -1.0], [0.0, -0.5, -3.0]])
+  x64 = np.asarray(jnp.asarray(scale + base, dtype).astype(jnp.float32), np.float64)
+  x = jnp.asarray(x64, dtype)
+  e = np.exp(x64 - x64.max(-1, keepdims=True))
+  p = e / e.sum(-1, keepdims=True)
+  t = np.array([[0.5, 0.5, 0.0], [0.25, 0.25, 0.5]])
+  labels = np.array([0, 2])
+  soft = jax.jit(jax.grad(lambda x: jaxactv.softmax_cross_entropy(x, jnp.asarray(t, dtype)).sum()))
+  hard = jax.jit(jax.grad(
+      lambda x: jaxactv.softmax_cross_entropy_with_integer_labels(x, labels).sum()))
+  tol = 2e-7 if dtype == jnp.float32 else 2.0**-8
+  np.testing.assert_allclose(np.asarray(soft(x), np.float64), p - t, rtol=0, atol=tol)
+  np.testing.assert_allclose(np.asarray(hard(x), np.float64), p - np.eye(3)[labels], rtol=0,
+                             atol=tol)
+
+
 # ---------------------------------------------------- sigmoid: the two residual forms
 
 

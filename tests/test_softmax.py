@@ -526,6 +526,16 @@ def test_plus_inf_row_beats_the_largest_finite_logits(dtype):
   logp = f64(jax.jit(jaxactv.log_softmax)(x))
   np.testing.assert_allclose(logp[0, is_inf], -np.log(2.0), rtol=2.0**-7)
   assert np.all(logp[0, ~is_inf] == -np.inf), logp
+  # Without a +inf, a row whose max is the largest float is an ordinary row: float64
+  # NumPy's log-softmax, and the gradient of one entry is e_j - softmax.
+  finite = jnp.asarray(np.array([[big, below, 0.0]]), dtype)
+  xf = f64(finite)
+  want = xf - xf.max() - np.log(np.sum(np.exp(xf - xf.max())))
+  # (Near 0 the error is about an ulp of 1.0, as the log_softmax docstring says.)
+  np.testing.assert_allclose(f64(jax.jit(jaxactv.log_softmax)(finite)), want, rtol=2.0**-7,
+                             atol=2.0**-10)
+  grad = jax.jit(jax.grad(lambda x: jaxactv.log_softmax(x)[0, 1].astype(jnp.float32)))(finite)
+  np.testing.assert_allclose(f64(grad)[0], np.eye(3)[1] - np.exp(want[0]), atol=2.0**-7)
 
 
 def test_jax_nn_softmax_is_nan_on_plus_inf_row():
