@@ -94,7 +94,7 @@ def scaled_probs(x, offset, sum_exp, scale, logits_dtype, floor=None):
   """
   shifted = x - offset if floor is None else jnp.maximum(x - offset, floor)
   if reuse_forward_exponentials(logits_dtype):
-    return jnp.exp(shifted) * (scale / jnp.where(sum_exp == 0, 1.0, sum_exp))
+    return jnp.exp(shifted) * (scale / jnp.maximum(sum_exp, 1.0))
   return jnp.exp(shifted - safe_log_sum(sum_exp)) * scale
 
 
@@ -509,10 +509,11 @@ def _sum_allowing_inf(t: jax.Array, d: jax.Array) -> jax.Array:
   the largest float (the forward floors the shifted logits), so a zero target
   there adds 0, and any target mass above ``2**-64`` there makes the row's sum
   ``M = big * 2**-64`` or more (1.8e19 in float32, 9.7e288 in float64), which reads as
-  ``inf``, as it should. Arithmetic and one select per row, after the sum: a select per
-  logit (``where(t == 0, 0, t * d)``) would keep XLA:CPU from fusing the sum with the
-  shift. The price: a row whose loss is ``M`` or more is ``inf``, and a mass of at most
-  ``2**-64`` on a ``-inf`` logit adds ``mass * big`` (less than ``M``), not ``inf``.
+  ``inf``, as it should (and ``-M`` or less, from a negative mass, ``-inf``). Arithmetic
+  and selects per row, after the sum: a select per logit (``where(t == 0, 0, t * d)``)
+  would keep XLA:CPU from fusing the sum with the shift. The price: a row whose loss
+  is ``M`` or more is ``inf``, and a mass of at most ``2**-64`` on a ``-inf`` logit
+  adds ``mass * big`` (less than ``M``), not ``inf``.
   """
   big = jnp.finfo(d.dtype).max
   total = jnp.sum(t * d, -1)

@@ -598,6 +598,9 @@ def test_minus_inf_logit_carrying_target_mass_gives_inf():
                 == np.inf)
   soft = f64(jax.jit(SOFT)(x, np.array([[0.5, 0.25, 0.25], [1.0, 0.0, 0.0]], np.float32)))
   assert soft[0] == np.inf and np.isfinite(soft[1])
+  # A negative "mass" there (not a probability): -(1 * log 1 + (-1) * log 0) = -inf.
+  neg = f64(jax.jit(SOFT)(np.array([[0.0, -np.inf]], np.float32), np.array([[1.0, -1.0]])))
+  assert neg[0] == -np.inf
 
 
 @pytest.mark.parametrize("mass", [1e-15, 2.0**-63, 1e-30 * 2.0**40])
