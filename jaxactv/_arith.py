@@ -1,4 +1,4 @@
-"""Elementwise helpers: ``0 * inf = 0``, one select that shapes fusion, broadcast cotangents.
+"""Elementwise helpers: ``0 * inf = 0``, selects and sums that shape fusion, broadcast cotangents.
 
 A loss often needs ``t * d`` where ``t`` may be 0 exactly where ``d`` is infinite
 (``0 * log 0``: a label of 0 at a logit of ``-inf``) and wants 0 there, not NaN.
@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.typing import ArrayLike
 
+from jaxactv._backend import row_sum_as_matvec
 from jaxactv._sharding import same_layout_as
 from jaxactv._vocab_parallel import cotangent_like
 
@@ -34,6 +36,22 @@ def as_one_buffer(losses: jax.Array) -> jax.Array:
   the select away.
   """
   return jnp.where(losses == losses, losses, jnp.nan)
+
+
+def row_sum(a: jax.Array, axes: tuple[int, ...], logits_dtype) -> jax.Array:
+  """``sum(a, axes, keepdims=True)``; on CPU a product with ones, where nothing fuses.
+
+  For a row sum whose consumer holds a select (``_backend.row_sum_as_matvec``), in a
+  rule for logits of ``logits_dtype``. Only for trailing ``axes``, the layout of a
+  logits array; other axes take ``jnp.sum``.
+  """
+  trailing = axes == tuple(range(a.ndim - len(axes), a.ndim))
+  if not (row_sum_as_matvec(logits_dtype) and trailing and axes):
+    return jnp.sum(a, axes, keepdims=True)
+  ones = jnp.ones(a.shape[a.ndim - len(axes):], a.dtype)
+  dims = ((axes, tuple(range(len(axes)))), ((), ()))
+  total = lax.dot_general(a, ones, dims, precision=lax.Precision.HIGHEST)
+  return jnp.expand_dims(total, axes)
 
 
 def sum_to_operand(a: jax.Array, operand) -> jax.Array:

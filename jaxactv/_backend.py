@@ -37,6 +37,22 @@ def keep_sigmoid_of_minus_abs(input_dtype) -> bool:
   return jax.default_backend() == "cpu" and jnp.dtype(input_dtype).itemsize < 4
 
 
+def row_sum_as_matvec(logits_dtype) -> bool:
+  """True on CPU, for float32/64 logits: a cotangent's row sum is a product with ones.
+
+  log_softmax's backward is ``where(y == -inf, 0, g - exp(y) * sum(g))``. XLA:CPU
+  fuses the arithmetic after ``sum(g)`` into its (YNNPACK) reduction kernel but not
+  the select, so it writes ``g - exp(y) * sum(g)`` out, reads it back and recomputes
+  ``y`` for the select: one logits-sized buffer and two passes more than needed.
+  Summed as ``g @ ones``, the row sum is a dot that nothing fuses into, and the whole
+  gradient is one loop (fwd+bwd at 4096 x 1024 float32: 1.29x -> 1.05x ``jax.nn``).
+  Accelerators fuse the select, and reduce faster than they multiply by ones. The
+  cotangent of bfloat16 logits (upcast to float32 first) is another program, which
+  the dot slowed by up to 1.3x.
+  """
+  return jax.default_backend() == "cpu" and jnp.dtype(logits_dtype).itemsize >= 4
+
+
 # The fused linear ops (jaxactv._linear_blocks). Measured on a 2-core AMD EPYC (AVX2, no
 # native bfloat16), jax 0.10.2, N x D x V = 1024 x 256 x 131072 and 2048 x 256 x 32768,
 # value and gradient: the three forms below took the bfloat16 loss from 1.13-1.39x to

@@ -42,7 +42,7 @@ from jax import lax
 from jax.typing import ArrayLike
 
 from jaxactv import _dtypes
-from jaxactv._arith import sum_to_operand
+from jaxactv._arith import row_sum, sum_to_operand
 from jaxactv._sharding import like_logits
 from jaxactv._validation import Axis, as_activation_input, as_mask, broadcasts_to, canonical_axes
 
@@ -290,7 +290,8 @@ def _log_softmax_bwd(axes, res, g):
   if where is not None:
     # A masked entry's output is the constant -inf: its cotangent goes nowhere.
     g = jnp.where(where, g, 0.0)
-  dx = g - jnp.exp(y) * jnp.sum(g, axes, keepdims=True)
+  # The row sum as a product with ones on CPU: the select below then fuses with the rest.
+  dx = g - jnp.exp(y) * row_sum(g, axes, res[0].dtype)
   # A -inf log-probability (a -inf logit, an empty row, a logit beaten by +inf) stays
   # -inf under any finite change of x: gradient 0. The select sits on the output, where
   # XLA fuses it; NaN rows stay NaN.

@@ -4,8 +4,9 @@ jaxactv._backend picks, per backend and dtype, whether a cross-entropy backward
 reuses the forward's exponentials (float32 on CPU) or recomputes them (GPU, TPU,
 half precision), which residual the sigmoid keeps, and how the fused linear ops call
 their matmuls (CPU: half-precision operands converted to float32 first, ``x^T``
-transposed for ``dw``). The tests run on CPU, so the accelerator forms are forced
-here and every form is checked against the unfused reference twins.
+transposed for ``dw``), and how log_softmax's backward sums its cotangent. The tests
+run on CPU, so the accelerator forms are forced here and every form is checked against
+the unfused reference twins.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 
 import jaxactv
-from jaxactv import _cross_entropy, _linear_blocks, _sigmoid, reference
+from jaxactv import _arith, _cross_entropy, _linear_blocks, _sigmoid, reference
 
 
 @pytest.fixture(params=[True, False], ids=["reuse", "recompute"])
@@ -126,6 +127,47 @@ def test_sigmoid_residual_forms(sigmoid_residual, dtype):
     s = 1 / (1 + np.exp(-x64))
     np.testing.assert_allclose(np.asarray(h, np.float64), np.diag(s * (1 - s) * (1 - 2 * s)),
                                rtol=1e-5, atol=1e-12)
+
+
+# ------------------------------------------- log_softmax backward: the two row sums
+
+
+@pytest.fixture(params=[True, False], ids=["matvec sum", "reduce sum"])
+def row_sum_form(request, monkeypatch):
+  # On CPU float32 log_softmax sums its cotangent as g @ ones, elsewhere with a reduce.
+  monkeypatch.setattr(_arith, "row_sum_as_matvec", lambda dtype: request.param)
+  jax.clear_caches()
+  yield request.param
+  jax.clear_caches()
+
+
+@pytest.mark.parametrize("axis", [-1, (1, 2), 1], ids=["last", "last two", "middle"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_log_softmax_row_sum_forms(row_sum_form, axis, dtype):
+  rng = np.random.default_rng(11)
+  x = (3 * rng.standard_normal((4, 3, 6))).astype(np.float32)
+  x[0, 1, 2] = -np.inf  # one -inf logit: value -inf, gradient 0
+  x[1, 2, :] = -np.inf  # a row with nothing to normalise (over the last axis)
+  x[2, 0, 4] = np.inf  # a +inf logit: 1/k on the +inf entries
+  x = np.asarray(jnp.asarray(x, dtype).astype(jnp.float32))
+  g = rng.standard_normal(x.shape).astype(np.float32)
+  xd, gd = jnp.asarray(x, dtype), jnp.asarray(g, dtype)
+  y, dx = jax.jit(lambda x, g: (lambda y, pb: (y, pb(g)[0]))(
+      *jax.vjp(lambda x: jaxactv.log_softmax(x, axis), x)))(xd, gd)
+  # Float64 NumPy: dx = g - softmax * sum(g) over the row, 0 where the value is -inf.
+  axes = (axis,) if isinstance(axis, int) else axis
+  x64, g64 = x.astype(np.float64), np.asarray(gd.astype(jnp.float32), np.float64)
+  m = x64.max(axes, keepdims=True)
+  inf_row = m == np.inf
+  with np.errstate(invalid="ignore", divide="ignore"):
+    e = np.where(inf_row, (x64 == np.inf) * 1.0, np.exp(x64 - np.where(np.isfinite(m), m, 0)))
+    s = e.sum(axes, keepdims=True)
+    p = np.where(s > 0, e / np.where(s > 0, s, 1), 0.0)
+    want_y = np.log(p)
+  want_dx = np.where(want_y == -np.inf, 0.0, g64 - p * g64.sum(axes, keepdims=True))
+  tol = 2e-6 if dtype == jnp.float32 else 1e-2
+  np.testing.assert_allclose(np.asarray(y, np.float64), want_y, rtol=tol, atol=tol)
+  np.testing.assert_allclose(np.asarray(dx, np.float64), want_dx, rtol=tol, atol=tol)
 
 
 # --------------------------------------------- fused linear ops: the two matmul forms
