@@ -196,12 +196,11 @@ def _int_bwd(cfg, res, g):
     dx = dx - g[..., None] * spread_w
   # Select, not multiply: an ignored or masked row full of NaN must get gradient 0.
   dx = jnp.where((scale != 0)[..., None], dx, 0.0)
-  # The label's own term touches one logit per example: a scatter of N numbers into
-  # the gradient, not a logits-sized one-hot comparison.
+  # The label's own term touches one logit per example.
   local_idx, here = shards.local_index(labels)
   w_label = 1.0 if w is None else take(w, local_idx)
   at_label = jnp.where(here, g * (1.0 - cfg.label_smoothing) * w_label, 0.0)
-  dx = _subtract_at(dx, local_idx, at_label)
+  dx = _subtract_at(dx, local_idx, at_label, in_place=dx.dtype == logits.dtype)
   dw = None
   if class_weights is not None:
     dw = _class_weights_cotangent(
@@ -256,9 +255,17 @@ def _is_index(x: jax.Array, index: jax.Array) -> jax.Array:
   return jax.lax.broadcasted_iota(index.dtype, x.shape, x.ndim - 1) == index[..., None]
 
 
-def _subtract_at(dx: jax.Array, index: jax.Array, values: jax.Array) -> jax.Array:
-  """``dx[..., index] -= values`` for one class index per example."""
-  if class_axis_is_split(dx):
+def _subtract_at(
+    dx: jax.Array, index: jax.Array, values: jax.Array, in_place: bool = True
+) -> jax.Array:
+  """``dx[..., index] -= values`` for one class index per example.
+
+  ``in_place``: a scatter of N numbers into ``dx``, which updates the gradient's own
+  buffer. Otherwise (``dx`` is still to be rounded to half-precision logits, and the
+  scatter would sit between the gradient's loop and the rounding, one more pass over
+  a float32 buffer) a compare with the class index, which fuses into that loop.
+  """
+  if class_axis_is_split(dx) or not in_place:
     return dx - jnp.where(_is_index(dx, index), values[..., None], 0.0)
   flat = dx.reshape(-1, dx.shape[-1])
   rows = jnp.arange(flat.shape[0])
