@@ -1,12 +1,11 @@
 """Every backend-dependent form, whichever backend the suite runs on.
 
 jaxactv._backend picks, per backend and dtype, whether a cross-entropy backward
-reuses the forward's exponentials (float32 on CPU) or recomputes them (GPU, TPU,
-half precision), which residual the sigmoid keeps, and how the fused linear ops call
-their matmuls (CPU: half-precision operands converted to float32 first, ``x^T``
-transposed for ``dw``), and how log_softmax's backward sums its cotangent. The tests
-run on CPU, so the accelerator forms are forced here and every form is checked against
-the unfused reference twins.
+reuses the forward's exponentials (CPU) or recomputes them (GPU, TPU), which residual
+the sigmoid keeps, how the fused linear ops call their matmuls (CPU: half-precision
+operands converted to float32 first, ``x^T`` transposed for ``dw``), and how
+log_softmax's backward sums its cotangent. The tests run on CPU, so the accelerator
+forms are forced here and every form is checked against the unfused reference twins.
 """
 
 from __future__ import annotations
