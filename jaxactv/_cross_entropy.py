@@ -11,7 +11,7 @@ with ``a`` a number per example and ``target`` the (smoothed, weighted) label
 distribution. Residuals are the caller's own arrays (logits, labels, masks,
 weights) and a few numbers per example; nothing else the size of the logits is
 kept. (A class axis that is not trailing is moved there first: that transpose is
-a copy, and it is what the rule keeps.) On XLA:CPU, for float32 logits, the
+a copy, and it is what the rule keeps.) On XLA:CPU (every logits dtype) the
 compiler itself keeps the forward's exponentials for the backward: see
 ``_backend.py``.
 
