@@ -11,8 +11,9 @@ All three share one normaliser, :func:`normalize`, and share one edge-case polic
   its logsumexp is ``+inf``.
 * A NaN logit turns its own row into NaN and no other.
 
-Every rule keeps at most one residual the size of its input: softmax and
-log_softmax keep their output; logsumexp keeps its input ``x`` (and ``b``). A
+Every rule keeps at most one residual the size of its input: softmax keeps its
+output; log_softmax its output, or on CPU its input (``_backend``); logsumexp keeps
+its input ``x`` (and ``b``). A
 ``where`` mask, when given, is the caller's own array and is kept as it is; the
 rest is per row.
 
@@ -38,11 +39,13 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.typing import ArrayLike
 
 from jaxactv import _dtypes
 from jaxactv._arith import row_sum, sum_to_operand
+from jaxactv._backend import reuse_forward_exponentials
 from jaxactv._sharding import like_logits
 from jaxactv._validation import Axis, as_activation_input, as_mask, broadcasts_to, canonical_axes
 
@@ -280,22 +283,40 @@ def _log_softmax(x, where, axes):
 def _log_softmax_fwd(x, where, axes):
   # Plain code, not _log_softmax itself: an outer jvp (jax.hessian) must see through it.
   y = _log_softmax_value(x, where, axes)
+  if reuse_forward_exponentials(x.dtype):
+    # The backward rebuilds the forward pass from x with the very same expressions,
+    # which XLA merges with the forward's: its exp(shifted) buffer serves both.
+    return y, (x, where)
   return y, (y, where)
 
 
 def _log_softmax_bwd(axes, res, g):
-  y, where = res
-  ct = _dtypes.compute_dtype(y.dtype)
-  y, g = y.astype(ct), g.astype(ct)
+  r, where = res
+  ct = _dtypes.compute_dtype(r.dtype)
+  g = g.astype(ct)
   if where is not None:
     # A masked entry's output is the constant -inf: its cotangent goes nowhere.
     g = jnp.where(where, g, 0.0)
+  if reuse_forward_exponentials(r.dtype):  # r is x
+    x = mask_logits(r, where)
+    rows = shift_rows(x, axes, ct)
+    probs = rows.probs()
+    # y == -inf, read off x: x == -inf, or x below +inf on a +inf row (a finite logit
+    # equal to finfo.max counts as +inf there, as in the forward). One compare per
+    # logit with a per-row bound, where recomputing y takes four operations.
+    below_inf = np.nextafter(np.asarray(rows.big, ct), 0).item()
+    bound = jnp.where(rows.row_max == jnp.inf, below_inf, -jnp.inf)
+    neg_inf = x.astype(ct) <= bound
+  else:  # r is y
+    y = r.astype(ct)
+    probs = jnp.exp(y)
+    neg_inf = y == -jnp.inf
   # The row sum as a product with ones on CPU: the select below then fuses with the rest.
-  dx = g - jnp.exp(y) * row_sum(g, axes, res[0].dtype)
+  dx = g - probs * row_sum(g, axes, r.dtype)
   # A -inf log-probability (a -inf logit, an empty row, a logit beaten by +inf) stays
   # -inf under any finite change of x: gradient 0. The select sits on the output, where
   # XLA fuses it; NaN rows stay NaN.
-  return jnp.where(y == -jnp.inf, 0.0, dx).astype(res[0].dtype), None
+  return jnp.where(neg_inf, 0.0, dx).astype(r.dtype), None
 
 
 _log_softmax.defvjp(_log_softmax_fwd, _log_softmax_bwd)
@@ -323,7 +344,9 @@ def log_softmax(x: ArrayLike, axis: Axis = -1, where: ArrayLike | None = None) -
   finite). bfloat16/float16 inputs are computed in float32 and returned in the
   input dtype.
 
-  The rule keeps the output (and the caller's mask, when given). Reverse mode and
+  The rule keeps the output (on CPU the input instead, whose forward pass the
+  backward rebuilds so that XLA reuses its exponentials; see ``jaxactv._backend``),
+  and the caller's mask when given. Reverse mode and
   forward-over-reverse (``jax.hessian``) work on this ``jax.custom_vjp``; pure
   forward mode does not: use :func:`jaxactv.reference.log_softmax`.
 

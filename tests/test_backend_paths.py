@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import jaxactv
-from jaxactv import _arith, _cross_entropy, _linear_blocks, _sigmoid, reference
+from jaxactv import _arith, _cross_entropy, _linear_blocks, _sigmoid, _softmax, reference
 
 
 @pytest.fixture(params=[True, False], ids=["reuse", "recompute"])
@@ -140,14 +140,26 @@ def row_sum_form(request, monkeypatch):
   jax.clear_caches()
 
 
+@pytest.fixture(params=[True, False], ids=["keep x", "keep y"])
+def log_softmax_residual(request, monkeypatch):
+  # On CPU log_softmax keeps x and rebuilds the forward in its backward (XLA reuses the
+  # forward's exponentials); elsewhere it keeps the output y and takes exp(y).
+  monkeypatch.setattr(_softmax, "reuse_forward_exponentials", lambda dtype: request.param)
+  jax.clear_caches()
+  yield request.param
+  jax.clear_caches()
+
+
 @pytest.mark.parametrize("axis", [-1, (1, 2), 1], ids=["last", "last two", "middle"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-def test_log_softmax_row_sum_forms(row_sum_form, axis, dtype):
+def test_log_softmax_backward_forms(log_softmax_residual, row_sum_form, axis, dtype):
   rng = np.random.default_rng(11)
   x = (3 * rng.standard_normal((4, 3, 6))).astype(np.float32)
   x[0, 1, 2] = -np.inf  # one -inf logit: value -inf, gradient 0
   x[1, 2, :] = -np.inf  # a row with nothing to normalise (over the last axis)
   x[2, 0, 4] = np.inf  # a +inf logit: 1/k on the +inf entries
+  # A +inf row with the largest finite float in it: that logit counts as +inf too.
+  x[3, 1, 0], x[3, 1, 3] = np.inf, float(jnp.finfo(dtype).max)
   x = np.asarray(jnp.asarray(x, dtype).astype(jnp.float32))
   g = rng.standard_normal(x.shape).astype(np.float32)
   xd, gd = jnp.asarray(x, dtype), jnp.asarray(g, dtype)
@@ -158,15 +170,35 @@ def test_log_softmax_row_sum_forms(row_sum_form, axis, dtype):
   x64, g64 = x.astype(np.float64), np.asarray(gd.astype(jnp.float32), np.float64)
   m = x64.max(axes, keepdims=True)
   inf_row = m == np.inf
-  with np.errstate(invalid="ignore", divide="ignore"):
-    e = np.where(inf_row, (x64 == np.inf) * 1.0, np.exp(x64 - np.where(np.isfinite(m), m, 0)))
+  big = float(jnp.finfo(dtype).max)
+  with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+    e = np.where(inf_row, (x64 >= big) * 1.0, np.exp(x64 - np.where(np.isfinite(m), m, 0)))
     s = e.sum(axes, keepdims=True)
     p = np.where(s > 0, e / np.where(s > 0, s, 1), 0.0)
-    want_y = np.log(p)
+    # x - m - log s on finite rows: log p would underflow to -inf at x - m ~ -finfo.max.
+    want_y = np.where(inf_row | (s == 0), np.log(p), x64 - m - np.log(np.where(s > 0, s, 1)))
   want_dx = np.where(want_y == -np.inf, 0.0, g64 - p * g64.sum(axes, keepdims=True))
   tol = 2e-6 if dtype == jnp.float32 else 1e-2
   np.testing.assert_allclose(np.asarray(y, np.float64), want_y, rtol=tol, atol=tol)
   np.testing.assert_allclose(np.asarray(dx, np.float64), want_dx, rtol=tol, atol=tol)
+
+
+def test_log_softmax_second_order_both_residuals(log_softmax_residual):
+  # jax.hessian differentiates the backward pass: through y = log_softmax(x) when y is
+  # kept, through the rebuilt forward when x is. Both against the reference twin.
+  rng = np.random.default_rng(12)
+  x, c, v = (jnp.asarray(rng.standard_normal((3, 5)), jnp.float32) for _ in range(3))
+
+  def hvp_and_hessian(log_softmax):
+    def scalar(x):
+      return jnp.vdot(log_softmax(x), c)
+
+    return jax.jvp(jax.grad(scalar), (x,), (v,))[1], jax.hessian(scalar)(x)
+
+  got = jax.jit(lambda: hvp_and_hessian(jaxactv.log_softmax))()
+  want = jax.jit(lambda: hvp_and_hessian(reference.log_softmax))()
+  for a, b in zip(got, want, strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 # --------------------------------------------- fused linear ops: the two matmul forms
