@@ -5,6 +5,7 @@ Usage (from the repository root)::
   python benchmarks/check.py              # the full sweep, then the report (make bench-check)
   python benchmarks/check.py --quick      # any run.py option is passed on to the sweep
   python benchmarks/check.py --csv benchmarks/results/results.csv  # a finished sweep
+  python benchmarks/check.py --csv A/results.csv --against B/results.csv  # and stability
 
 Targets (ratio = jaxactv / peer, from the same interleaved rounds):
 
@@ -13,7 +14,9 @@ Targets (ratio = jaxactv / peer, from the same interleaved rounds):
 * ``linear_softmax_cross_entropy`` forward + backward: <= 1.10x the unfused ``x @ w`` +
   optax at every vocabulary, with <= 1/8 of its temp memory;
 * on a GPU only: softmax and the cross-entropy losses, forward + backward at 32768
-  classes or more, >= 80% of a plain copy's bandwidth.
+  classes or more, >= 80% of a plain copy's bandwidth;
+* with ``--against`` a second run of the same command: every shape's ratio within
+  +-5% of that run's.
 
 It is a report, not a test: it prints, and exits 0 whatever it finds (1 only when
 there is nothing to report on). ``make test`` does not run it.
@@ -45,6 +48,7 @@ LINEAR_TIME_MAX = 1.10
 LINEAR_TEMP_MAX = 1 / 8
 COPY_FRACTION_MIN = 0.80
 BANDWIDTH_MIN_CLASSES = 32768
+REPEAT_TOLERANCE = 0.05
 
 
 @dataclass
@@ -187,13 +191,38 @@ def evaluate(rows: list[dict]) -> list[Target]:
   return targets
 
 
+def stability(rows: list[dict], again: list[dict]) -> Target:
+  """Every shape's ratio in ``rows`` within +-5% of the same shape's in ``again``."""
+  first, second = _cases(rows), _cases(again)
+  moves = []  # (|relative change|, case, ratio here, ratio there)
+  for key, shapes in first.items():
+    for shape, impls in shapes.items():
+      a = shape_ratio(impls)
+      b = shape_ratio(second.get(key, {}).get(shape, {}))
+      if a and b:
+        moves.append((abs(a / b - 1.0), f"{' '.join(key)} {shape}", a, b))
+  name = f"the same sweep twice: every shape's ratio within +-{REPEAT_TOLERANCE:.0%}"
+  if not moves:
+    return Target(name, "no shape timed in both runs", False)
+  moves.sort()
+  within = sum(m <= REPEAT_TOLERANCE for m, *_ in moves)
+  median = moves[len(moves) // 2][0]
+  worst, case, a, b = moves[-1]
+  measured = (
+      f"{within} of {len(moves)} shapes within; median change {median:.1%}, "
+      f"90th percentile {moves[int(0.9 * (len(moves) - 1))][0]:.1%}, "
+      f"largest {worst:.1%} ({case}: {a:.2f}x vs {b:.2f}x)"
+  )
+  return Target(name, measured, within == len(moves))
+
+
 def read_rows(path: Path) -> list[dict]:
   with open(path, newline="") as f:
     return list(csv.DictReader(f))
 
 
-def report(rows: list[dict], out=sys.stdout) -> list[Target]:
-  targets = evaluate(rows)
+def report(rows: list[dict], out=sys.stdout, again: list[dict] | None = None) -> list[Target]:
+  targets = evaluate(rows) + ([stability(rows, again)] if again else [])
   for t in targets:
     print(t.line(), file=out)
   judged = [t for t in targets if t.ok is not None]
@@ -205,6 +234,9 @@ def report(rows: list[dict], out=sys.stdout) -> list[Target]:
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=True)
   p.add_argument("--csv", type=Path, help="report on this results.csv instead of running a sweep")
+  p.add_argument("--against", type=Path,
+                 help="a results.csv from a second run of the same command: adds the "
+                 "stability target (every shape's ratio within +-5%%)")
   args, sweep_args = p.parse_known_args(argv)
   if args.csv is None:
     import run  # benchmarks/run.py, next to this file
@@ -219,8 +251,10 @@ def main(argv=None) -> int:
   if not rows:
     print(f"no rows in {args.csv}")
     return 1
-  print(f"\nIssue 11's targets, from {args.csv}:")
-  report(rows)
+  again = read_rows(args.against) if args.against else None
+  print(f"\nIssue 11's targets, from {args.csv}"
+        + (f" (stability against {args.against})" if args.against else "") + ":")
+  report(rows, again=again)
   return 0
 
 

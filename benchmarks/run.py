@@ -64,7 +64,7 @@ COPY = "copy"
 NAIVE = "naive"
 
 COLUMNS = (
-    "op", "impl", "mode", "shape", "dtype", "classes", "backend", "device",
+    "op", "impl", "mode", "shape", "dtype", "classes", "backend", "device", "allocator",
     "median_ms", "p20_ms", "p80_ms", "compile_ms", "temp_bytes", "peak_bytes",
     "ratio", "ratio_p20", "ratio_p80", "bytes_moved", "gbps", "copy_gbps",
     "roofline_fraction", "rel_err", "reps",
@@ -513,6 +513,7 @@ def machine_info() -> dict:
   return {
       "backend": backend,
       "device": device,
+      "allocator": allocator_note(),
       "jax_version": jax.__version__,
       "jaxactv_version": jaxactv.__version__,
       "timestamp": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -644,7 +645,7 @@ def write_markdown(rows, path: Path, machine: dict, sweep: Sweep, wall_s: float)
       f"{platform.system()} {platform.machine()}, Python {platform.python_version()}; "
       f"jax {machine['jax_version']}, jaxactv {machine['jaxactv_version']}, "
       f"optax {optax.__version__}. Date {machine['timestamp']}; sweep `{sweep.name}`, "
-      f"{wall_s / 60:.1f} min.",
+      f"{wall_s / 60:.1f} min; allocator {machine.get('allocator', 'system default')}.",
       "",
       "Times are the median (20th–80th percentile) in ms over interleaved rounds after "
       "warm-up. **time ratio = jaxactv / peer**: jaxactv and its peer are called back to "
@@ -834,6 +835,9 @@ def parse_args(argv=None):
   p.add_argument("--no-plot", action="store_true", help="skip the PNG")
   p.add_argument("--budget", type=float, default=None,
                  help="seconds of timed rounds per case (default: the sweep's, 4 s full)")
+  p.add_argument("--allocator", choices=("steady", "system"), default="steady",
+                 help="steady (default): rerun under glibc settings that reuse freed "
+                 "buffers, for ratios that repeat; system: malloc as it comes")
   args = p.parse_args(argv)
   args.ops = [o.strip() for o in args.ops.split(",") if o.strip()]
   args.dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
@@ -846,8 +850,42 @@ def parse_args(argv=None):
   return args
 
 
+# glibc's malloc hands allocations of a few MiB and more to mmap and gives them back
+# on free, so every call of a compiled function takes its outputs and temps as fresh
+# pages from the kernel, and which sizes it does that for drifts with the process's
+# history (its threshold adapts). On a 2-core cloud VM, `x * 2` on 32 MiB took 12.4 ms
+# that way against 1.9 ms with the buffers reused, and whole rows were bimodal from one
+# process to the next. The sweep re-executes itself
+# with these settings: no mmap, one arena, no trimming, so freed buffers are reused.
+STEADY_MALLOC = (
+    "glibc.malloc.mmap_max=0:glibc.malloc.arena_max=1:glibc.malloc.trim_threshold=4294967296"
+)
+
+
+def use_steady_allocator(allocator: str) -> None:
+  """Re-execute this process with ``STEADY_MALLOC`` unless it runs with it already.
+
+  Only on Linux with glibc (elsewhere the variable means nothing and nothing happens);
+  ``--allocator system`` keeps the process as it is.
+  """
+  if allocator != "steady" or not sys.platform.startswith("linux"):
+    return
+  if platform.libc_ver()[0] != "glibc" or os.environ.get("GLIBC_TUNABLES") == STEADY_MALLOC:
+    return
+  env = {**os.environ, "GLIBC_TUNABLES": STEADY_MALLOC}
+  sys.stdout.flush()
+  os.execve(sys.executable, [sys.executable, *sys.argv], env)
+
+
+def allocator_note() -> str:
+  if os.environ.get("GLIBC_TUNABLES") == STEADY_MALLOC:
+    return "steady (glibc: no mmap, one arena, no trimming)"
+  return "system default"
+
+
 def main(argv=None) -> int:
   args = parse_args(argv)
+  use_steady_allocator(args.allocator)
   sweep = SWEEPS["tiny" if args.tiny else "quick" if args.quick else "full"]
   if args.budget is not None:
     sweep = dataclasses.replace(sweep, budget_s=args.budget)
@@ -855,7 +893,8 @@ def main(argv=None) -> int:
   machine = machine_info()
   specs = case_specs(sweep, args.ops, args.dtypes)
   print(f"jaxactv benchmarks: sweep {sweep.name}, {len(specs)} cases on "
-        f"{machine['backend']} / {machine['device']}, jax {machine['jax_version']}", flush=True)
+        f"{machine['backend']} / {machine['device']}, jax {machine['jax_version']}, "
+        f"allocator {machine['allocator']}", flush=True)
   start = time.perf_counter()
   rows: list[dict] = []
   csv_path = args.out / "results.csv"
