@@ -547,31 +547,31 @@ def _soft_fwd(logits, labels, class_mask, counts, cfg):
   log_sum = safe_log_sum(sum_exp)
   loss = _sum_allowing_inf(t, log_sum - shifted)
   sum_exp, log_sum = sum_exp[..., 0], log_sum[..., 0]
-  lse = offset[..., 0] + log_sum
-  coef = jnp.sum(t, -1)
   if z > 0:
-    loss = loss + z * jnp.square(lse)
-    coef = coef + 2.0 * z * lse
-  # A row with no finite logit has softmax 0: its coefficient is moot (0, not -inf).
-  coef = jnp.where(sum_exp == 0, 0.0, coef)
+    loss = loss + z * jnp.square(offset[..., 0] + log_sum)
   # as_one_buffer (a select on one number per example) keeps XLA from merging these
   # row sums into a caller's sum over the batch, which XLA:CPU does by writing out
   # logits-sized broadcasts of the per-row numbers (5x slower).
   loss = jnp.where(counts, as_one_buffer(loss), 0.0)
-  return loss, (logits, labels, class_mask, counts, offset[..., 0], sum_exp, coef)
+  return loss, (logits, labels, class_mask, counts, offset[..., 0], sum_exp)
 
 
 def _soft_bwd(cfg, res, g):
-  logits, labels, class_mask, counts, offset, sum_exp, coef = res
-  ct = coef.dtype
-  eps = cfg.label_smoothing
+  logits, labels, class_mask, counts, offset, sum_exp = res
+  ct = offset.dtype
+  eps, z = cfg.label_smoothing, cfg.z_loss
   x = mask_logits(logits.astype(ct), class_mask)
   g = g.astype(ct)[..., None]
   offset, sum_exp = offset[..., None], sum_exp[..., None]
   t = _targets(labels, class_mask, eps, ct)
-  probs = scaled_probs(
-      x, offset, sum_exp, g * coef[..., None], logits.dtype, floor=shift_floor(ct)
-  )
+  # d loss / d x = coef * softmax(x) - t, coef = sum(t) (+ 2 z lse). Summed here, not in
+  # the forward: XLA:CPU then folds the sum into the gradient's own pass over t.
+  coef = jnp.sum(t, -1, keepdims=True)
+  if z > 0:
+    coef = coef + 2.0 * z * (offset + safe_log_sum(sum_exp))
+  # A row with no finite logit has softmax 0: its coefficient is moot (0, not -inf).
+  coef = jnp.where(sum_exp == 0, 0.0, coef)
+  probs = scaled_probs(x, offset, sum_exp, g * coef, logits.dtype, floor=shift_floor(ct))
   dlogits = probs - g * t
   # d loss / d label_j = (1 - eps) * (lse - x_j): +inf at a -inf logit, 0 where masked.
   nll = safe_log_sum(sum_exp) + distance_below_max(x, offset)
