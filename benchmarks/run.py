@@ -862,30 +862,37 @@ STEADY_MALLOC = (
 )
 
 
-def use_steady_allocator(allocator: str) -> None:
-  """Re-execute this process with ``STEADY_MALLOC`` unless it runs with it already.
+STEADY_MARKER = "JAXACTV_BENCH_ALLOCATOR"  # set in the re-executed process
 
-  Only on Linux with glibc (elsewhere the variable means nothing and nothing happens);
-  ``--allocator system`` keeps the process as it is.
+
+def use_steady_allocator(allocator: str) -> None:
+  """Re-execute this process (same interpreter, flags and arguments) with ``STEADY_MALLOC``.
+
+  For a script's own process only (``python benchmarks/run.py``, ``check.py``), on Linux
+  with glibc; elsewhere, with ``--allocator system`` or once re-executed, it does
+  nothing. Tunables the caller set are kept (ours come after, so they win).
   """
-  if allocator != "steady" or not sys.platform.startswith("linux"):
+  if allocator != "steady" or os.environ.get(STEADY_MARKER) == "steady":
     return
-  if platform.libc_ver()[0] != "glibc" or os.environ.get("GLIBC_TUNABLES") == STEADY_MALLOC:
+  if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
     return
-  env = {**os.environ, "GLIBC_TUNABLES": STEADY_MALLOC}
+  tunables = ":".join(t for t in (os.environ.get("GLIBC_TUNABLES"), STEADY_MALLOC) if t)
+  env = {**os.environ, "GLIBC_TUNABLES": tunables, STEADY_MARKER: "steady"}
   sys.stdout.flush()
-  os.execve(sys.executable, [sys.executable, *sys.argv], env)
+  sys.stderr.flush()
+  os.execve(sys.executable, sys.orig_argv, env)
 
 
 def allocator_note() -> str:
-  if os.environ.get("GLIBC_TUNABLES") == STEADY_MALLOC:
+  if os.environ.get(STEADY_MARKER) == "steady":
     return "steady (glibc: no mmap, one arena, no trimming)"
   return "system default"
 
 
 def main(argv=None) -> int:
   args = parse_args(argv)
-  use_steady_allocator(args.allocator)
+  if argv is None:  # the script itself, not a caller's process
+    use_steady_allocator(args.allocator)
   sweep = SWEEPS["tiny" if args.tiny else "quick" if args.quick else "full"]
   if args.budget is not None:
     sweep = dataclasses.replace(sweep, budget_s=args.budget)

@@ -16,7 +16,12 @@ log_softmax makes the same choice with its residual: it keeps its output ``y`` a
 takes ``exp(y)`` in the backward (accelerators), or keeps its input ``x`` and
 rebuilds the forward pass from it with the same expressions, which XLA merges with
 the forward's (CPU: fwd+bwd 1.1-1.6x -> 0.95-1.11x ``jax.nn`` in float32, with
-glibc's allocator kept from returning memory to the kernel).
+glibc's allocator kept from returning memory to the kernel). Each keeps one
+logits-sized array, but where the caller keeps ``y`` too (a loss on it that needs it
+in its own backward), the CPU form holds both ``x`` and ``y``. The two agree to
+rounding except at a finite logit whose log-probability overflows to ``-inf`` (float16
+``[60000, -10000]``): kept ``y`` reads that as a ``-inf`` logit (gradient 0), rebuilt
+from ``x`` it gets its true gradient, ``g``.
 """
 
 from __future__ import annotations

@@ -150,8 +150,11 @@ class ShiftedRows(NamedTuple):
 
   @property
   def safe_sum_exp(self) -> jax.Array:
-    # A max, not a select: 1 on an empty row (sum 0), the sum itself (>= 1) elsewhere.
-    return jnp.maximum(self.sum_exp, 1.0)
+    # A max, not a select: 1/2 on an empty row (sum 0), whose entries are all 0 (or
+    # -inf), the sum itself (>= 1) elsewhere. Not max(sum, 1): a sum of exactly 1 (one
+    # class, or a row whose other entries underflow) would tie with it, and a tie
+    # halves the derivative, so jax.hessian would be off there.
+    return jnp.maximum(self.sum_exp, 0.5)
 
   def probs(self) -> jax.Array:
     return jnp.exp(self.shifted) / self.safe_sum_exp
@@ -304,8 +307,9 @@ def _log_softmax_bwd(axes, res, g):
     # y == -inf, read off x: x == -inf, or x below +inf on a +inf row (a finite logit
     # equal to finfo.max counts as +inf there, as in the forward). One compare per
     # logit with a per-row bound, where recomputing y takes four operations.
-    below_inf = np.nextafter(np.asarray(rows.big, ct), 0).item()
-    bound = jnp.where(rows.row_max == jnp.inf, below_inf, -jnp.inf)
+    below_inf = np.nextafter(np.asarray(rows.big, ct), np.asarray(0, ct)).item()
+    # min(m, -inf) is -inf, or NaN on a NaN row, whose gradient stays NaN everywhere.
+    bound = jnp.where(rows.row_max == jnp.inf, below_inf, jnp.minimum(rows.row_max, -jnp.inf))
     neg_inf = x.astype(ct) <= bound
   else:  # r is y
     y = r.astype(ct)

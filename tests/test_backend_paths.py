@@ -150,25 +150,36 @@ def log_softmax_residual(request, monkeypatch):
   jax.clear_caches()
 
 
+@pytest.mark.parametrize("masked", [False, True], ids=["", "where"])
 @pytest.mark.parametrize("axis", [-1, (1, 2), 1], ids=["last", "last two", "middle"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-def test_log_softmax_backward_forms(log_softmax_residual, row_sum_form, axis, dtype):
+def test_log_softmax_backward_forms(log_softmax_residual, row_sum_form, axis, dtype, masked):
   rng = np.random.default_rng(11)
-  x = (3 * rng.standard_normal((4, 3, 6))).astype(np.float32)
+  x = (3 * rng.standard_normal((5, 3, 6))).astype(np.float32)
   x[0, 1, 2] = -np.inf  # one -inf logit: value -inf, gradient 0
   x[1, 2, :] = -np.inf  # a row with nothing to normalise (over the last axis)
   x[2, 0, 4] = np.inf  # a +inf logit: 1/k on the +inf entries
   # A +inf row with the largest finite float in it: that logit counts as +inf too.
   x[3, 1, 0], x[3, 1, 3] = np.inf, float(jnp.finfo(dtype).max)
+  # A NaN row with a -inf logit (and, masked, a masked entry): NaN everywhere in it.
+  x[4, 0, 1], x[4, 0, 3] = np.nan, -np.inf
   x = np.asarray(jnp.asarray(x, dtype).astype(jnp.float32))
+  keep = rng.uniform(size=x.shape) > 0.2 if masked else np.ones(x.shape, bool)
+  keep[4, 0, 1] = True  # the NaN stays visible
+  if masked:
+    keep[4, 0, 5] = False
   g = rng.standard_normal(x.shape).astype(np.float32)
   xd, gd = jnp.asarray(x, dtype), jnp.asarray(g, dtype)
+  where = jnp.asarray(keep) if masked else None
   y, dx = jax.jit(lambda x, g: (lambda y, pb: (y, pb(g)[0]))(
-      *jax.vjp(lambda x: jaxactv.log_softmax(x, axis), x)))(xd, gd)
-  # Float64 NumPy: dx = g - softmax * sum(g) over the row, 0 where the value is -inf.
+      *jax.vjp(lambda x: jaxactv.log_softmax(x, axis, where=where), x)))(xd, gd)
+  # Float64 NumPy: dx = g - softmax * sum(g) over the row's unmasked entries, 0 where
+  # the value is -inf; a masked entry is a -inf logit; NaN on a row holding a NaN.
   axes = (axis,) if isinstance(axis, int) else axis
-  x64, g64 = x.astype(np.float64), np.asarray(gd.astype(jnp.float32), np.float64)
-  m = x64.max(axes, keepdims=True)
+  x64 = np.where(keep, x.astype(np.float64), -np.inf)
+  g64 = np.where(keep, np.asarray(gd.astype(jnp.float32), np.float64), 0.0)
+  nan_row = np.isnan(x64).any(axes, keepdims=True)
+  m = np.where(nan_row, 0.0, np.nanmax(np.where(np.isnan(x64), -np.inf, x64), axes, keepdims=True))
   inf_row = m == np.inf
   big = float(jnp.finfo(dtype).max)
   with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
@@ -178,9 +189,32 @@ def test_log_softmax_backward_forms(log_softmax_residual, row_sum_form, axis, dt
     # x - m - log s on finite rows: log p would underflow to -inf at x - m ~ -finfo.max.
     want_y = np.where(inf_row | (s == 0), np.log(p), x64 - m - np.log(np.where(s > 0, s, 1)))
   want_dx = np.where(want_y == -np.inf, 0.0, g64 - p * g64.sum(axes, keepdims=True))
+  want_y, want_dx = (np.where(nan_row, np.nan, a) for a in (want_y, want_dx))
   tol = 2e-6 if dtype == jnp.float32 else 1e-2
   np.testing.assert_allclose(np.asarray(y, np.float64), want_y, rtol=tol, atol=tol)
   np.testing.assert_allclose(np.asarray(dx, np.float64), want_dx, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("name", ["softmax", "log_softmax"])
+@pytest.mark.parametrize("rows", ["confident", "one class"])
+def test_second_order_where_the_row_sum_is_exactly_one(log_softmax_residual, name, rows):
+  # A row whose other entries underflow (0 and -20: exp(-20) is lost next to 1) or a
+  # single class has a sum of exactly 1, where a max(sum, 1) guard would split its
+  # derivative in half. Against the reference twin, which has no guard.
+  x = jnp.asarray([[0.0, -20.0], [1.0, 0.5]] if rows == "confident" else [[0.3], [-2.0]])
+  rng = np.random.default_rng(13)
+  c, v = (jnp.asarray(rng.standard_normal(x.shape), jnp.float32) for _ in range(2))
+
+  def hvp_and_hessian(f):
+    def scalar(x):
+      return jnp.vdot(f(x), c)
+
+    return jax.jvp(jax.grad(scalar), (x,), (v,))[1], jax.hessian(scalar)(x)
+
+  got = jax.jit(lambda: hvp_and_hessian(getattr(jaxactv, name)))()
+  want = jax.jit(lambda: hvp_and_hessian(getattr(reference, name)))()
+  for a, b in zip(got, want, strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_log_softmax_second_order_both_residuals(log_softmax_residual):

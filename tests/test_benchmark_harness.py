@@ -149,3 +149,5 @@ def test_check_stability_compares_two_runs_shape_by_shape():
   assert miss.ok is False and miss.measured.startswith("1 of 2 shapes within"), miss.measured
   assert "9.1%" in miss.measured and "0.50x vs 0.55x" in miss.measured
   assert check.stability(first, []).ok is False  # nothing to compare is not a pass
+  half = check.stability(first, steady[:2])  # the second run lost a shape
+  assert half.ok is False and half.measured.startswith("1 of 2 shapes within"), half.measured

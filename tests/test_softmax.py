@@ -581,7 +581,8 @@ def half_grad_tolerance(name, x64, ct64, eps, tiny):
   if name == "softmax":
     scale = s * (a + (a * s).sum(-1, keepdims=True))
   elif name == "log_softmax":
-    # y = log p is rounded to half: exp(y) is off by ~|y| * eps relative.
+    # The accelerator form keeps y = log p, rounded to half: exp(y) is off by ~|y| * eps
+    # relative (the CPU form keeps x and rebuilds p from it, which is tighter).
     scale = a + s * (2 + np.abs(np.log(s))) * a.sum(-1, keepdims=True)
   else:
     scale = np.expand_dims(a, 1) * s
