@@ -70,8 +70,10 @@ def row_sum_as_matvec(logits_dtype) -> bool:
 # native bfloat16), jax 0.10.2, N x D x V = 1024 x 256 x 131072 and 2048 x 256 x 32768,
 # value and gradient: the three forms below took the bfloat16 loss from 1.13-1.39x to
 # 0.81-0.83x the unfused x @ w + optax, and the float32 one from 1.01-1.09x to
-# 0.60-0.85x (benchmarks/results/). Like every choice here, they follow the backend
-# that traces the program: jax.export for another platform keeps the tracing one's.
+# 0.60-0.85x (benchmarks/results/ at 1f04766, glibc's default allocator; with freed
+# buffers reused the unfused loss runs faster, see benchmarks/README.md). Like every
+# choice here, they follow the backend that traces the program: jax.export for another
+# platform keeps the tracing one's.
 
 
 def upcast_half_matmul_operands(operand_dtype) -> bool:
