@@ -850,18 +850,16 @@ def parse_args(argv=None):
   return args
 
 
-# glibc's malloc hands allocations of a few MiB and more to mmap and gives them back
-# on free, so every call of a compiled function takes its outputs and temps as fresh
-# pages from the kernel, and which sizes it does that for drifts with the process's
-# history (its threshold adapts). On a 2-core cloud VM, `x * 2` on 32 MiB took 12.4 ms
-# that way against 1.9 ms with the buffers reused, and whole rows were bimodal from one
-# process to the next. The sweep re-executes itself
-# with these settings: no mmap, one arena, no trimming, so freed buffers are reused.
+# glibc's malloc hands allocations above its threshold (128 KiB, raised as large blocks
+# are freed, up to 32 MiB) to mmap and gives them back on free, so a call of a compiled
+# function may take its outputs and temps as fresh pages from the kernel, and for which
+# sizes it does drifts with the process's history. On a 2-core cloud VM, `x * 2` on
+# 32 MiB took 12.4 ms that way against 1.9 ms with the buffers reused, and whole rows
+# were bimodal from one process to the next. The sweep re-executes itself with these
+# settings: no mmap, one arena, no trimming, so freed buffers are reused.
 STEADY_MALLOC = (
     "glibc.malloc.mmap_max=0:glibc.malloc.arena_max=1:glibc.malloc.trim_threshold=4294967296"
 )
-
-
 STEADY_MARKER = "JAXACTV_BENCH_ALLOCATOR"  # set in the re-executed process
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import jaxactv
-from jaxactv import _arith, _cross_entropy, _linear_blocks, _sigmoid, _softmax, reference
+from jaxactv import _arith, _cross_entropy, _linear_blocks, _sigmoid, reference
 
 
 @pytest.fixture(params=[True, False], ids=["reuse", "recompute"])
@@ -140,20 +140,10 @@ def row_sum_form(request, monkeypatch):
   jax.clear_caches()
 
 
-@pytest.fixture(params=[True, False], ids=["keep x", "keep y"])
-def log_softmax_residual(request, monkeypatch):
-  # On CPU log_softmax keeps x and rebuilds the forward in its backward (XLA reuses the
-  # forward's exponentials); elsewhere it keeps the output y and takes exp(y).
-  monkeypatch.setattr(_softmax, "reuse_forward_exponentials", lambda dtype: request.param)
-  jax.clear_caches()
-  yield request.param
-  jax.clear_caches()
-
-
 @pytest.mark.parametrize("masked", [False, True], ids=["", "where"])
 @pytest.mark.parametrize("axis", [-1, (1, 2), 1], ids=["last", "last two", "middle"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-def test_log_softmax_backward_forms(log_softmax_residual, row_sum_form, axis, dtype, masked):
+def test_log_softmax_backward_forms(log_softmax_keeps_x, row_sum_form, axis, dtype, masked):
   rng = np.random.default_rng(11)
   x = (3 * rng.standard_normal((5, 3, 6))).astype(np.float32)
   x[0, 1, 2] = -np.inf  # one -inf logit: value -inf, gradient 0
@@ -196,14 +186,19 @@ def test_log_softmax_backward_forms(log_softmax_residual, row_sum_form, axis, dt
 
 
 @pytest.mark.parametrize("name", ["softmax", "log_softmax"])
-@pytest.mark.parametrize("rows", ["confident", "one class"])
-def test_second_order_where_the_row_sum_is_exactly_one(log_softmax_residual, name, rows):
-  # A row whose other entries underflow (0 and -20: exp(-20) is lost next to 1) or a
-  # single class has a sum of exactly 1, where a max(sum, 1) guard would split its
-  # derivative in half. Against the reference twin, which has no guard.
-  x = jnp.asarray([[0.0, -20.0], [1.0, 0.5]] if rows == "confident" else [[0.3], [-2.0]])
+@pytest.mark.parametrize("rows", ["random", "confident", "one class"])
+def test_second_order_both_residuals(log_softmax_keeps_x, name, rows):
+  # jax.hessian differentiates the backward pass: through y when y is kept, through the
+  # rebuilt forward when x is. "confident" (0 and -20: exp(-20) is lost next to 1) and
+  # "one class" rows sum to exactly 1, where a max(sum, 1) guard would halve the
+  # derivative. Against the reference twin, which has no guard.
   rng = np.random.default_rng(13)
-  c, v = (jnp.asarray(rng.standard_normal(x.shape), jnp.float32) for _ in range(2))
+  x = {
+      "random": rng.standard_normal((3, 5)),
+      "confident": np.array([[0.0, -20.0], [1.0, 0.5]]),
+      "one class": np.array([[0.3], [-2.0]]),
+  }[rows]
+  x, c, v = (jnp.asarray(a, jnp.float32) for a in (x, *rng.standard_normal((2, *x.shape))))
 
   def hvp_and_hessian(f):
     def scalar(x):
@@ -213,24 +208,6 @@ def test_second_order_where_the_row_sum_is_exactly_one(log_softmax_residual, nam
 
   got = jax.jit(lambda: hvp_and_hessian(getattr(jaxactv, name)))()
   want = jax.jit(lambda: hvp_and_hessian(getattr(reference, name)))()
-  for a, b in zip(got, want, strict=True):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-
-
-def test_log_softmax_second_order_both_residuals(log_softmax_residual):
-  # jax.hessian differentiates the backward pass: through y = log_softmax(x) when y is
-  # kept, through the rebuilt forward when x is. Both against the reference twin.
-  rng = np.random.default_rng(12)
-  x, c, v = (jnp.asarray(rng.standard_normal((3, 5)), jnp.float32) for _ in range(3))
-
-  def hvp_and_hessian(log_softmax):
-    def scalar(x):
-      return jnp.vdot(log_softmax(x), c)
-
-    return jax.jvp(jax.grad(scalar), (x,), (v,))[1], jax.hessian(scalar)(x)
-
-  got = jax.jit(lambda: hvp_and_hessian(jaxactv.log_softmax))()
-  want = jax.jit(lambda: hvp_and_hessian(reference.log_softmax))()
   for a, b in zip(got, want, strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 

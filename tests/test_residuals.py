@@ -16,7 +16,7 @@ import pytest
 from jax._src.ad_checkpoint import saved_residuals
 
 import jaxactv
-from jaxactv import _sigmoid, _softmax
+from jaxactv import _sigmoid
 
 SHAPES = [((7, 1031), -1), ((6, 5, 9), (0, 2))]
 SHAPE_IDS = ["7x1031-last", "6x5x9-axes02"]
@@ -111,18 +111,8 @@ def test_softmax_half_precision_residual_is_not_a_float32_copy(dtype):
 # -------------------------------------------------------------------------- log_softmax
 
 
-@pytest.fixture(params=[False, True], ids=["keep-y", "keep-x"])
-def log_softmax_reuse(request, monkeypatch):
-  # _backend.reuse_forward_exponentials picks log_softmax's residual: x on CPU (the
-  # backward rebuilds the forward from it), the output y elsewhere. Force each form.
-  monkeypatch.setattr(_softmax, "reuse_forward_exponentials", lambda dtype: request.param)
-  jax.clear_caches()
-  yield request.param
-  jax.clear_caches()
-
-
 @pytest.mark.parametrize("shape, axis", SHAPES, ids=SHAPE_IDS)
-def test_log_softmax_keeps_one_input_sized_array_and_per_row_data(shape, axis, log_softmax_reuse):
+def test_log_softmax_keeps_one_input_sized_array_and_per_row_data(shape, axis, log_softmax_keeps_x):
   x = x_of(shape)
   res = saved_residuals(lambda x: jaxactv.log_softmax(x, axis=axis).sum(), x)
   msg = f"log_softmax residuals:\n{describe(res)}"
@@ -131,13 +121,13 @@ def test_log_softmax_keeps_one_input_sized_array_and_per_row_data(shape, axis, l
   aval, desc = big[0]
   assert aval.dtype == x.dtype, msg
   # keep-x: the argument itself, no copy; keep-y: the output.
-  assert ("from the argument" in desc) == log_softmax_reuse, msg
+  assert ("from the argument" in desc) == log_softmax_keeps_x, msg
   row = per_row_shape(shape, axis)
   others = [aval for aval, _ in res if tuple(aval.shape) != tuple(shape)]
   assert all(tuple(a.shape) == row for a in others), msg
 
 
-def test_log_softmax_with_mask_keeps_the_callers_mask_not_a_copy(log_softmax_reuse):
+def test_log_softmax_with_mask_keeps_the_callers_mask_not_a_copy(log_softmax_keeps_x):
   x = x_of((7, 1031))
   where = jnp.asarray(np.random.default_rng(2).uniform(size=(7, 1031)) > 0.3)
   res = saved_residuals(lambda x, w: jaxactv.log_softmax(x, where=w).sum(), x, where)
@@ -151,7 +141,7 @@ def test_log_softmax_with_mask_keeps_the_callers_mask_not_a_copy(log_softmax_reu
   assert all(tuple(a.shape) == (7, 1) for a in others), msg
 
 
-def test_log_softmax_half_precision_residual_keeps_input_dtype(log_softmax_reuse):
+def test_log_softmax_half_precision_residual_keeps_input_dtype(log_softmax_keeps_x):
   x = x_of((7, 1031), jnp.bfloat16)
   res = saved_residuals(lambda x: jaxactv.log_softmax(x).sum(), x)
   msg = f"log_softmax bf16 residuals:\n{describe(res)}"
