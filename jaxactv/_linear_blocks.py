@@ -33,7 +33,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxactv._backend import min_chunk_rows, transpose_dw_operand, upcast_half_matmul_operands
+from jaxactv._backend import (
+    kept_sweep_width,
+    min_chunk_rows,
+    transpose_dw_operand,
+    upcast_half_matmul_operands,
+)
 from jaxactv._vocab_parallel import vary_like
 
 # The chunk rule (chunk_size=None). Every block the loop makes takes at most these many
@@ -43,6 +48,21 @@ from jaxactv._vocab_parallel import vary_like
 # A chunk has at least min_chunk_rows() rows (jaxactv._backend) where the tokens allow.
 BLOCK_BYTES = 16 * 2**20
 SLICE_BYTES = 64 * 2**20
+# A value-and-grad that computes the gradient in its forward pass (kept_chunks) holds one
+# chunk's logits over the whole vocabulary: at most KEPT_BYTES in float32, and at most
+# an eighth of all the logits where there are enough tokens for KEPT_MIN_ROWS per chunk.
+KEPT_BYTES = 64 * 2**20
+KEPT_MIN_ROWS = 128
+
+
+class Chunks(NamedTuple):
+  """How a loop walks the logits: ``rows`` tokens per chunk, ``width`` classes per
+  slice; ``kept``: each chunk's whole-vocabulary block of logits is made at once and
+  held for the gradient, which then sweeps it ``width`` classes at a time."""
+
+  rows: int
+  width: int
+  kept: bool = False
 
 
 def default_chunks(
@@ -66,6 +86,38 @@ def default_chunks(
   rows = max(8, rows // 8 * 8)
   rows = min(rows, padded_tokens)
   return rows, width
+
+
+def kept_chunks(
+    num_tokens: int, classes: int, hidden: int, half_operands: bool = False
+) -> Chunks:
+  """The chunks of a value-and-grad that keeps each chunk's logits (``chunk_size=None``).
+
+  Computing the gradient in the forward pass needs a chunk's logits over the whole
+  (local) vocabulary at once: their logsumexp comes before any ``dz``. Held for the
+  gradient, they cost one matmul less than recomputing them (three, as the unfused
+  ``x @ w`` + loss + autodiff). The rows are the most whose float32 block fits
+  ``KEPT_BYTES`` and (for the ``[rows, hidden]`` chunk of ``x``) ``BLOCK_BYTES``,
+  capped at an eighth of the tokens (rounded up to 8) but never below
+  ``KEPT_MIN_ROWS``: the kept block never holds more than an eighth of all the
+  logits unless it is the only chunk of a small batch. The gradient sweeps the block
+  in slices of ``_backend.kept_sweep_width()`` classes, so that ``dz`` and ``dw``'s
+  share exist one small slice at a time.
+
+  When ``KEPT_MIN_ROWS`` rows do not fit, or with ``half_operands`` (half-precision
+  matmuls that XLA:CPU runs in float32, ``_backend``: one matmul over all of ``w``
+  would convert all of it, and the float32 ``dw`` is a buffer of its own too), the
+  rule falls back to ``default_chunks``, whose slices recompute their logits in the
+  backward pass.
+  """
+  padded_tokens = max(8, -(-num_tokens // 8) * 8)
+  least = min(KEPT_MIN_ROWS, padded_tokens)
+  fits = min(KEPT_BYTES // (4 * classes), BLOCK_BYTES // (4 * hidden)) // 8 * 8
+  if fits < least or half_operands:
+    return Chunks(*default_chunks(num_tokens, classes, hidden))
+  eighth = -(-padded_tokens // 64) * 8
+  rows = min(fits, max(least, eighth), padded_tokens)
+  return Chunks(rows, min(kept_sweep_width(), classes), kept=True)
 
 
 def chunk_sizes(chunk_size, num_tokens: int, classes: int, hidden: int) -> tuple[int, int]:
@@ -196,9 +248,17 @@ def is_label(z, lo, local_idx, here):
 def label_value(z, lo, local_idx, here):
   """``z[r, local_idx[r] - lo]`` where that class is in this block (and here), else 0.
 
-  A masked sum over the block, not a gather: it needs no sharding of its own.
+  A gather of one entry per row where the block is a plain (or shard_map-local)
+  array; XLA:CPU would write the masked block of the alternative out in full before
+  summing it, one more pass over the logits. Under explicit sharding types the
+  masked sum, which needs no sharding rule of its own.
   """
-  return jnp.sum(jnp.where(is_label(z, lo, local_idx, here), z, 0.0), -1)
+  if explicit_sharding(z) is not None:
+    return jnp.sum(jnp.where(is_label(z, lo, local_idx, here), z, 0.0), -1)
+  j = local_idx.astype(jnp.int32) - lo
+  inside = here & (j >= 0) & (j < z.shape[1])
+  picked = jnp.take_along_axis(z, jnp.clip(j, 0, z.shape[1] - 1)[:, None], axis=1)
+  return jnp.where(inside, picked[:, 0], 0.0)
 
 
 def over_slices(w, per_class, width, body, carry):
@@ -317,8 +377,10 @@ def grad_sweep(
   """One chunk's ``(dx_chunk, (dw, db))``: ``acc = (dw, db)`` plus this chunk's share.
 
   ``dlogits(z, lo, per_class_slices)`` is the cotangent of the final logits of the
-  block starting at class ``lo``; ``block`` the forward's logits when it kept them
-  (one slice), else None and each block is recomputed. ``per_class[0]`` is the bias.
+  block starting at class ``lo``. ``block`` is the chunk's logits over the whole
+  (local) vocabulary when the forward pass kept them, swept ``width`` classes at a
+  time (each slice's ``dz`` and ``dw`` share exist only for that slice), else None and
+  each ``width``-wide block is recomputed. ``per_class[0]`` is the bias.
   ``rows_count`` marks the rows with a nonzero cotangent: the others may hold NaN
   hidden states, and as zeros they add nothing to ``dw`` (0 * NaN would add NaN to
   every weight); their ``dz`` is selected to 0 for the same reason. ``dx_chunk`` is
@@ -337,7 +399,12 @@ def grad_sweep(
 
   def fold(carry, lo, w_k, cls_k):
     dx, dw, db = carry
-    z = block if block is not None else block_logits(xc, w_k, cls_k[0], spec, ct)
+    if block is None:
+      z = block_logits(xc, w_k, cls_k[0], spec, ct)
+    elif w_k.shape[1] == block.shape[1]:
+      z = block
+    else:
+      z = lax.dynamic_slice_in_dim(block, lo, w_k.shape[1], axis=1)
     dz = through_logits(dlogits(z, lo, cls_k), z, spec)
     dz = jnp.where(rows_count[:, None], dz, 0.0)
     dz_m = dz.astype(md)

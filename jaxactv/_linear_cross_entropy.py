@@ -9,11 +9,13 @@ slices within each chunk), so the largest arrays it ever holds are one
 ``linear_log_probs``).
 
 For ``reduction="mean"``/``"sum"`` the forward pass also computes ``dx``, ``dw`` and
-``db`` (as Liger-Kernel does): with one slice the total work is the three matmuls
-of the unfused ``x @ w`` + loss + autodiff, and the backward pass only scales them
-by the incoming cotangent. With several slices, and for ``reduction="none"`` (whose
-per-token cotangents the forward pass does not know), each block is recomputed
-for the gradient (four matmuls).
+``db`` (as Liger-Kernel does). Where a chunk's logits over the whole vocabulary fit
+the kept-block budget, they are made by one matmul, held, and swept for the gradient
+a slice at a time (so ``dz`` exists one slice at a time): the total work is the three
+matmuls of the unfused ``x @ w`` + loss + autodiff, and the backward pass only scales
+the gradients by the incoming cotangent. Otherwise, and for ``reduction="none"``
+(whose per-token cotangents the forward pass does not know), each block is
+recomputed for the gradient (four matmuls).
 
 Accumulation is in float32 for every input dtype (float64 for float64 inputs):
 the matmuls ask for float32 results, ``dw`` is summed across chunks in float32,
@@ -33,11 +35,13 @@ from jax import lax
 from jax.typing import ArrayLike
 
 from jaxactv import _dtypes
+from jaxactv._backend import upcast_half_matmul_operands
 from jaxactv._cross_entropy import check_concrete_labels, check_smoothing_and_z
 from jaxactv._linear_blocks import (
     BLOCK_BYTES as BLOCK_BYTES,
 )
 from jaxactv._linear_blocks import (
+    Chunks,
     LogitsSpec,
     Tokens,
     block_logits,
@@ -45,6 +49,7 @@ from jaxactv._linear_blocks import (
     grad_accumulators,
     grad_sweep,
     is_label,
+    kept_chunks,
     label_value,
     like_classes,
     like_tokens,
@@ -87,8 +92,8 @@ class _Config(NamedTuple):
   label_smoothing: float
   z_loss: float
   logits: LogitsSpec
-  rows: int  # tokens per chunk
-  slice_width: int  # classes per slice
+  chunks: Chunks  # the forward pass alone, and every pass of "none"
+  grad_chunks: Chunks  # the forward pass that computes the gradient too
   vocab_axis: str | None
   aux: bool  # also track each row's argmax
   x_dtype: np.dtype  # the gradients go back in the inputs' dtypes
@@ -107,14 +112,14 @@ class _Stats(NamedTuple):
   argmax: jax.Array | None  # global id of the largest logit
 
 
-def _chunk_stats(xc, w, bias, cw, yc, cfg, shards, ct):
+def _chunk_stats(xc, w, bias, cw, yc, cfg, chunks, shards, ct):
   """One sweep over the local vocabulary: running max, sum of exp, label logit, dist.
 
-  Returns the statistics and, when the vocabulary is one slice, that block of
-  logits (for the gradient to reuse), else None.
+  Returns the statistics and, when ``chunks`` keeps the logits or the vocabulary is
+  one slice, that block of logits (for the gradient to reuse), else None.
   """
   local_idx, here = shards.local_index(yc)
-  single = cfg.slice_width >= w.shape[1]
+  single = chunks.kept or chunks.width >= w.shape[1]
   smooth = cfg.label_smoothing > 0
 
   def fold(carry, lo, w_k, cls_k):
@@ -158,7 +163,7 @@ def _chunk_stats(xc, w, bias, cw, yc, cfg, shards, ct):
       None,
   )
   m, s, z_label, dist, _, w_label, amax, block = over_slices(
-      w, (bias, cw), cfg.slice_width, fold, init
+      w, (bias, cw), w.shape[1] if single else chunks.width, fold, init
   )
   if shards.axis is not None:
     m_all = shards.pmax(m)
@@ -234,7 +239,9 @@ def _scan(x2, w, bias, cw, labels, sc, cfg, with_grad, saved=None):
   shards = VocabShards(cfg.vocab_axis, w.shape[1], sharded=w)
   num_classes = shards.num_classes
   weight_total = _weight_total(cw, shards, ct)
-  tokens = Tokens.make(x2.shape[0], cfg.rows, token_shards(x2))
+  # The forward pass that computes the gradient too keeps the logits where it can.
+  chunks = cfg.grad_chunks if with_grad and saved is None else cfg.chunks
+  tokens = Tokens.make(x2.shape[0], chunks.rows, token_shards(x2))
   x_cols = tokens.columns(x2)
   per_token = (labels, sc) if saved is None else (labels, sc, *saved)
 
@@ -242,7 +249,7 @@ def _scan(x2, w, bias, cw, labels, sc, cfg, with_grad, saved=None):
     yc, scc = rows_in[:2]
     xc = take_chunk(x_cols, c)
     if saved is None:
-      stats, block = _chunk_stats(xc, w, bias, cw, yc, cfg, shards, ct)
+      stats, block = _chunk_stats(xc, w, bias, cw, yc, cfg, chunks, shards, ct)
       loss, lse, coef = _row_losses(stats, cfg, num_classes, weight_total)
       # 0 where the row does not count; NaN (from scc) where its label is out of range.
       loss = jnp.where(scc == 0, 0.0, loss * scc)
@@ -258,7 +265,7 @@ def _scan(x2, w, bias, cw, labels, sc, cfg, with_grad, saved=None):
     local_idx, here = shards.local_index(yc)
     dlogits = _ce_dlogits(lse, coef, w_label, scc, local_idx, here, cfg, num_classes)
     dxc, acc = grad_sweep(
-        xc, w, (bias, cw), block, cfg.logits, cfg.slice_width, dlogits, scc != 0, ct, acc
+        xc, w, (bias, cw), block, cfg.logits, chunks.width, dlogits, scc != 0, ct, acc
     )
     return (put_chunk(dx_cols, c, dxc), acc), outs
 
@@ -402,25 +409,32 @@ def linear_softmax_cross_entropy(
   concrete; under ``jit`` that token's loss and gradient are NaN.
 
   Work: for ``"mean"``/``"sum"`` the forward pass computes the gradients too, so
-  value-and-grad costs the three matmuls of the unfused version when the
-  vocabulary is one slice; a forward pass alone (no differentiation) costs one.
-  Several slices, or ``"none"``, cost four under differentiation. Memory:
-  ``O(chunk * slice + D * slice + chunk * D)`` for the blocks, plus ``dw`` in
-  float32 and ``dx`` (in ``x``'s dtype, float32 with ``vocab_axis``).
+  value-and-grad costs the three matmuls of the unfused version when each chunk's
+  logits over the whole vocabulary are kept for the gradient (the default wherever
+  128 rows of them fit 64 MiB: up to 131072 classes); a forward pass alone (no
+  differentiation) costs one. Slices whose logits are not kept, or ``"none"``,
+  cost four under differentiation. Memory: ``O(chunk * slice + D * slice + chunk *
+  D)`` for the blocks (``chunk * V`` when kept), plus ``dw`` in float32 and ``dx``
+  (in ``x``'s dtype, float32 with ``vocab_axis``).
 
-  Chunking (``chunk_size=None``, see ``jaxactv._linear_blocks.default_chunks``):
-  every block takes a fixed budget whatever ``D`` is: a ``[rows, slice]`` block of
-  float32 logits and a ``[rows, D]`` chunk of ``x`` at most 16 MiB each, a
-  ``[D, slice]`` slice of ``w`` (and of ``dw``) at most 64 MiB in float32. The
-  slice is the whole vocabulary when that allows 128 rows (512 on CPU, where the
-  ``dw`` matmul wants the longer contraction: ``jaxactv._backend``; as many as there
-  are tokens, if fewer), else the widest multiple of 128 classes that fits; the rows
-  then fill the blocks, as a multiple of 8. An int ``chunk_size`` sets the rows (the
-  slice stays the whole vocabulary);
-  a pair ``(rows, slice)`` sets both. Chunks are strided columns of the tokens, so
-  a token axis sharded over a mesh axis stays sharded: each device computes its
-  own tokens. Tokens are padded to a whole number of chunks; a last, narrower
-  slice is used as it is: no padded class ever enters a softmax.
+  Chunking (``chunk_size=None``, see ``jaxactv._linear_blocks``): a forward pass
+  alone, and ``"none"``, use blocks of a fixed budget whatever ``D`` is
+  (``default_chunks``): a ``[rows, slice]`` block of float32 logits and a
+  ``[rows, D]`` chunk of ``x`` at most 16 MiB each, a ``[D, slice]`` slice of ``w``
+  (and of ``dw``) at most 64 MiB in float32. The slice is the whole vocabulary when
+  that allows 128 rows (512 on CPU, where the ``dw`` matmul wants the longer
+  contraction: ``jaxactv._backend``; as many as there are tokens, if fewer), else
+  the widest multiple of 128 classes that fits; the rows then fill the blocks, as a
+  multiple of 8. The value-and-grad of ``"mean"``/``"sum"`` keeps each chunk's
+  float32 logits (``kept_chunks``): as many rows as fit 64 MiB, at most an eighth
+  of the tokens but at least 128, swept for the gradient 1024 classes at a time on
+  CPU (8192 elsewhere); where 128 rows do not fit, or for half-precision inputs on
+  CPU, it uses the fixed blocks too. An int ``chunk_size`` sets the rows (the slice
+  stays the whole vocabulary, kept); a pair ``(rows, slice)`` sets both, for every
+  pass (kept when the slice is the whole vocabulary). Chunks are strided columns of
+  the tokens, so a token axis sharded over a mesh axis stays sharded: each device
+  computes its own tokens. Tokens are padded to a whole number of chunks; a last,
+  narrower slice is used as it is: no padded class ever enters a softmax.
 
   Args:
     x: ``[..., D]`` hidden states (any float dtype; bfloat16 is the usual case).
@@ -481,9 +495,15 @@ def linear_softmax_cross_entropy(
     check_concrete_labels(labels_in, w.shape[1], ignore_index)
 
   num_tokens = math.prod(x.shape[:-1])
-  rows, width = chunk_sizes(chunk_size, num_tokens, w.shape[1], w.shape[0])
+  chunks = Chunks(*chunk_sizes(chunk_size, num_tokens, w.shape[1], w.shape[0]))
   x2 = x.reshape(num_tokens, x.shape[-1])
   ct = _dtypes.compute_dtype(jnp.promote_types(x.dtype, w.dtype))
+  if chunk_size is None:
+    md = jnp.promote_types(x.dtype, w.dtype)
+    grad_chunks = kept_chunks(num_tokens, w.shape[1], w.shape[0],
+                              half_operands=upcast_half_matmul_operands(md))
+  else:
+    grad_chunks = chunks
   flat_labels = like_tokens(labels.reshape(num_tokens), x2)
   counts = token_mask(where, labels.shape, x2)
   if ignore_index is not None:
@@ -493,7 +513,7 @@ def linear_softmax_cross_entropy(
   # Out-of-range labels cannot raise under jit: that row's loss and gradient are NaN.
   sc = jnp.where(counts, jnp.where(in_range, token_w, jnp.nan), 0.0).astype(ct)
   cfg = _Config(
-      float(label_smoothing), float(z_loss), logits, rows, width, vocab_axis,
+      float(label_smoothing), float(z_loss), logits, chunks, grad_chunks, vocab_axis,
       return_aux, x.dtype, w.dtype, None if bias is None else bias.dtype,
   )
   bias, class_weights = like_classes(bias, w), like_classes(class_weights, w)

@@ -300,6 +300,87 @@ def test_default_chunk_rule():
   assert rows * width * 4 <= BLOCK_BYTES and width % 128 == 0
 
 
+def test_kept_chunk_rule():
+  from jaxactv._linear_blocks import (
+      BLOCK_BYTES,
+      KEPT_BYTES,
+      KEPT_MIN_ROWS,
+      default_chunks,
+      kept_chunks,
+  )
+
+  # The benchmark's shapes: 64 MiB of logits fit 512 rows of 32768 classes, but an
+  # eighth of 2048 tokens is 256; 128 rows of 131072 classes fill the 64 MiB.
+  big = kept_chunks(2048, 32768, 256)
+  assert big.kept and big.rows == 256 and big.rows * 32768 * 4 <= KEPT_BYTES
+  assert kept_chunks(1024, 131072, 256)[:2] == (128, min(big.width, 131072))
+  # Many tokens: the 64 MiB bound, as a multiple of 8; every block fits its budget.
+  rows, width, kept = kept_chunks(100_000, 50_000, 1024)
+  assert kept and rows % 8 == 0 and rows * 50_000 * 4 <= KEPT_BYTES
+  assert rows * 1024 * 4 <= BLOCK_BYTES and width <= 50_000
+  # A small batch is one chunk; between, at least KEPT_MIN_ROWS rows.
+  assert kept_chunks(100, 5000, 64)[:1] == (104,) and kept_chunks(100, 5000, 64).kept
+  assert kept_chunks(300, 5000, 64).rows == KEPT_MIN_ROWS
+  # 128 rows of 262144 classes exceed 64 MiB, and half-precision operands on CPU:
+  # the fixed blocks of the forward pass, recomputed in the backward pass.
+  assert kept_chunks(100_000, 262144, 256) == (*default_chunks(100_000, 262144, 256), False)
+  assert not kept_chunks(2048, 32768, 256, half_operands=True).kept
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"reduction": "sum", "label_smoothing": 0.1, "z_loss": 1e-3},
+        {"logit_softcap": 3.0, "temperature": 0.7, "ignore_index": 5},
+        {"class_weights": "random", "label_smoothing": 0.2, "where": "random"},
+    ],
+)
+def test_kept_logits_swept_in_slices_match_the_reference(monkeypatch, options):
+  # The default value-and-grad keeps each chunk's logits and sweeps them for the
+  # gradient in slices; 96-class slices of 1000 classes (ten and a narrower last
+  # one) over three chunks of 128 rows (300 tokens, padded) test that sweep on CPU.
+  import jaxactv._linear_blocks as blocks
+
+  monkeypatch.setattr(blocks, "kept_sweep_width", lambda: 96)
+  assert blocks.kept_chunks(300, 1000, 16) == (128, 96, True)
+  x, w, b, y = _problem(n=300, d=16, v=1000)
+  y[::7] = 5  # some tokens on ignore_index=5 where it is set
+  rng = np.random.default_rng(1)
+  options = dict(options)
+  if options.get("class_weights") == "random":
+    options["class_weights"] = rng.uniform(0.5, 2.0, 1000).astype(np.float32)
+  if options.get("where") == "random":
+    options["where"] = rng.random(300) < 0.8
+  _assert_close_to_reference(options, None, x, w, b, y)
+
+
+def test_default_value_and_grad_holds_an_eighth_of_the_unfused_memory():
+  # The benchmark's float32 shape, compiled only: the kept 256 x 32768 block and the
+  # slices of the sweep stay under 1/8 of what x @ w + optax holds (its logits and
+  # their cotangent); three matmuls per chunk, as the unfused version.
+  n, d, v = 2048, 256, 32768
+  args = (
+      jax.ShapeDtypeStruct((n, d), jnp.float32),
+      jax.ShapeDtypeStruct((d, v), jnp.float32),
+      jax.ShapeDtypeStruct((n,), jnp.int32),
+  )
+
+  def temp_bytes(f):
+    compiled = jax.jit(jax.value_and_grad(f, (0, 1))).lower(*args).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+  fused = temp_bytes(jaxactv.linear_softmax_cross_entropy)
+  unfused = temp_bytes(
+      lambda x, w, y: optax.softmax_cross_entropy_with_integer_labels(x @ w, y).mean()
+  )
+  assert unfused >= 2 * n * v * 4
+  assert fused * 8 <= unfused, (fused, unfused)
+  x, w, _, y = _problem(n=64, d=8, v=1000)
+  loss = lambda x, w: jaxactv.linear_softmax_cross_entropy(x, w, y)
+  assert _count_matmuls(jax.value_and_grad(loss, (0, 1)), x, w) == 3
+
+
 def test_slicing_the_vocabulary_copies_nothing_the_size_of_w():
   # With slices, the forward's temp memory is blocks and per-row numbers: doubling V
   # (and so w) must not double it, as a hoisted copy of the slices of w would.
