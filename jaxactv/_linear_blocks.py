@@ -162,6 +162,12 @@ def token_shards(x2: jax.Array) -> int:
   return math.prod(sharding.mesh.shape[n] for n in names)
 
 
+def classes_sharded(w: jax.Array) -> bool:
+  """Whether the class axis of ``w`` (``[D, V]``) is split over a mesh axis, as typed."""
+  sharding = explicit_sharding(w)
+  return sharding is not None and len(sharding.spec) > 1 and sharding.spec[1] is not None
+
+
 def like_tokens(a: jax.Array, x2: jax.Array) -> jax.Array:
   """A per-token array ``[N]`` sharded as the tokens of ``x2`` (labels, masks, weights)."""
   sharding = explicit_sharding(x2)

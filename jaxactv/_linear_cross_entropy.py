@@ -46,6 +46,7 @@ from jaxactv._linear_blocks import (
     Tokens,
     block_logits,
     chunk_sizes,
+    classes_sharded,
     grad_accumulators,
     grad_sweep,
     is_label,
@@ -502,6 +503,10 @@ def linear_softmax_cross_entropy(
     md = jnp.promote_types(x.dtype, w.dtype)
     grad_chunks = kept_chunks(num_tokens, w.shape[1], w.shape[0],
                               half_operands=upcast_half_matmul_operands(md))
+    if grad_chunks.kept and classes_sharded(w):
+      # Slices of a vocab-sharded w under plain jit do not line up with its shards, and
+      # XLA would gather them: sweep each device's kept block whole.
+      grad_chunks = grad_chunks._replace(width=w.shape[1])
   else:
     grad_chunks = chunks
   flat_labels = like_tokens(labels.reshape(num_tokens), x2)

@@ -199,3 +199,79 @@ def test_plain_jit_gathers_neither_tokens_nor_classes(axis_type):
   text = f.lower(put(x, "data", None), put(w, None, "vocab"), put(y, "data")).compile().as_text()
   assert "all-gather" not in text
   assert "all-reduce" in text
+
+
+# ------------------------------------------------- the default chunks (kept logits)
+
+
+@pytest.fixture
+def narrow_sweep(monkeypatch):
+  """The kept logits' gradient swept 100 classes at a time (257 local classes: two
+  slices and a narrower last one), so these small meshes test the sweep too."""
+  import jaxactv._linear_blocks as blocks
+
+  monkeypatch.setattr(blocks, "kept_sweep_width", lambda: 100)
+
+
+def _default_chunks_ce(x, w, b, y, mask, weights, **shard):
+  # "mean": the value-and-grad that keeps each chunk's logits (chunk_size=None).
+  return jaxactv.linear_softmax_cross_entropy(
+      x, w, y, bias=b, where=mask, weights=weights, label_smoothing=0.1, z_loss=1e-3,
+      **shard,
+  )
+
+
+def _expected_mean():
+  x, w, b, y, mask, weights = _problem()
+  f = lambda x, w, b: reference.linear_softmax_cross_entropy(
+      x, w, y, bias=b, where=mask, weights=weights, label_smoothing=0.1, z_loss=1e-3)
+  return jax.value_and_grad(f, (0, 1, 2))(x, w, b)
+
+
+def _assert_mean_equal(loss, grads):
+  want, want_grads = _expected_mean()
+  np.testing.assert_allclose(loss, want, rtol=1e-5)
+  for name, g, r in zip("xwb", grads, want_grads, strict=True):
+    np.testing.assert_allclose(
+        g, r, rtol=0, atol=1e-5 * np.abs(np.asarray(r)).max(), err_msg=f"d{name}"
+    )
+
+
+@pytest.mark.parametrize("check_vma", [True, False])
+def test_default_chunks_under_shard_map_on_a_data_vocab_mesh(narrow_sweep, check_vma):
+  mesh = jax.make_mesh((2, 4), ("data", "vocab"))
+  x, w, b, y, mask, weights = _problem()
+
+  def local(x, w, b, y, mask, weights):
+    # The global mean: each token shard's sum and total weight, summed over "data".
+    s = _default_chunks_ce(x, w, b, y, mask, weights, vocab_axis="vocab", reduction="sum")
+    return lax.psum(s, "data") / lax.psum(jnp.sum(jnp.where(mask, weights, 0.0)), "data")
+
+  f = jax.shard_map(
+      local, mesh=mesh,
+      in_specs=(P("data"), P(None, "vocab"), P("vocab"), P("data"), P("data"), P("data")),
+      out_specs=P(), check_vma=check_vma,
+  )
+  # jax.make_mesh's axes are Explicit: the inputs must already be laid out as in_specs.
+  put = lambda a, *spec: jax.device_put(a, NamedSharding(mesh, P(*spec)))
+  y, mask, weights = (put(a, "data") for a in (y, mask, weights))
+  run = jax.jit(jax.value_and_grad(lambda x, w, b: f(x, w, b, y, mask, weights), (0, 1, 2)))
+  _assert_mean_equal(*run(put(x, "data", None), put(w, None, "vocab"), put(b, "vocab")))
+
+
+@pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit], ids=str)
+def test_default_chunks_under_plain_jit_gather_nothing(narrow_sweep, axis_type):
+  # With classes split over "vocab" under Explicit types, each device sweeps its kept
+  # block whole: slices of it would not line up with the shards.
+  mesh = jax.make_mesh((2, 4), ("data", "vocab"), axis_types=(axis_type,) * 2)
+  x, w, b, y, mask, weights = _problem()
+  put = lambda a, *spec: jax.device_put(a, NamedSharding(mesh, P(*spec)))
+  args = (put(x, "data", None), put(w, None, "vocab"), put(b, "vocab"))
+  per_token = (put(y, "data"), put(mask, "data"), put(weights, "data"))
+  f = jax.jit(jax.value_and_grad(
+      lambda x, w, b, *t: _default_chunks_ce(x, w, b, *t), (0, 1, 2)))
+  with jax.set_mesh(mesh):
+    _assert_mean_equal(*f(*args, *per_token))
+    text = f.lower(*args, *per_token).compile().as_text()
+  if axis_type == AxisType.Explicit:
+    assert "all-gather" not in text
