@@ -18,8 +18,8 @@ Sharding types. Under plain ``jit`` on meshes with ``AxisType.Explicit`` axes, J
 refuses to guess the output sharding of a matmul that contracts a sharded
 dimension (``dw = x^T dz`` over tokens split over ``"data"``, ``dx = dz w^T`` over
 classes split over ``"vocab"``): ``matmul`` names it, that of the accumulator the
-result goes into. Label logits are picked with a masked sum rather than a gather,
-which needs no sharding of its own.
+result goes into. Label logits on such blocks are picked with a masked sum rather
+than a gather, which needs no sharding of its own (elsewhere, a gather).
 """
 
 from __future__ import annotations
@@ -99,16 +99,22 @@ def kept_chunks(
   ``x @ w`` + loss + autodiff). The rows are the most whose float32 block fits
   ``KEPT_BYTES`` and (for the ``[rows, hidden]`` chunk of ``x``) ``BLOCK_BYTES``,
   capped at an eighth of the tokens (rounded up to 8) but never below
-  ``KEPT_MIN_ROWS``: the kept block never holds more than an eighth of all the
-  logits unless it is the only chunk of a small batch. The gradient sweeps the block
-  in slices of ``_backend.kept_sweep_width()`` classes, so that ``dz`` and ``dw``'s
-  share exist one small slice at a time.
+  ``KEPT_MIN_ROWS``: from ``8 * KEPT_MIN_ROWS`` tokens up, the kept block holds at
+  most an eighth of all the logits (a batch of fewer tokens, whose logits are small
+  anyway, has chunks of ``KEPT_MIN_ROWS`` rows, or one chunk).
 
-  When ``KEPT_MIN_ROWS`` rows do not fit, or with ``half_operands`` (half-precision
-  matmuls that XLA:CPU runs in float32, ``_backend``: one matmul over all of ``w``
-  would convert all of it, and the float32 ``dw`` is a buffer of its own too), the
-  rule falls back to ``default_chunks``, whose slices recompute their logits in the
-  backward pass.
+  Where ``default_chunks`` takes the whole vocabulary as one slice, the gradient
+  sweeps the kept block whole too, as before (``sweeps_whole``); wider vocabularies
+  are swept ``_backend.kept_sweep_width()`` classes at a time, so that ``dz`` and
+  ``dw``'s share exist one small slice at a time. Under plain ``jit`` on an ``Auto``
+  mesh, whose shardings the trace cannot see, slices of a vocab-split ``w`` make XLA
+  gather it, so this keeps the vocabulary from which that happens where it was.
+
+  When ``KEPT_MIN_ROWS`` rows do not fit, or with ``half_operands`` (a half-precision
+  input whose matmuls XLA:CPU runs in float32, ``_backend``: one matmul over all of
+  ``w`` would convert all of it, or round it to half precision where that copy
+  exceeds ``SLICE_BYTES``), the rule falls back to ``default_chunks``, whose slices
+  recompute their logits in the backward pass.
   """
   padded_tokens = max(8, -(-num_tokens // 8) * 8)
   least = min(KEPT_MIN_ROWS, padded_tokens)
@@ -117,7 +123,13 @@ def kept_chunks(
     return Chunks(*default_chunks(num_tokens, classes, hidden))
   eighth = -(-padded_tokens // 64) * 8
   rows = min(fits, max(least, eighth), padded_tokens)
-  return Chunks(rows, min(kept_sweep_width(), classes), kept=True)
+  whole = sweeps_whole(num_tokens, classes, hidden)
+  return Chunks(rows, classes if whole else min(kept_sweep_width(), classes), kept=True)
+
+
+def sweeps_whole(num_tokens: int, classes: int, hidden: int) -> bool:
+  """Whether ``default_chunks`` takes the whole vocabulary as one slice."""
+  return default_chunks(num_tokens, classes, hidden)[1] >= classes
 
 
 def chunk_sizes(chunk_size, num_tokens: int, classes: int, hidden: int) -> tuple[int, int]:

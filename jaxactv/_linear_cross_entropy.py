@@ -427,10 +427,11 @@ def linear_softmax_cross_entropy(
   contraction: ``jaxactv._backend``; as many as there are tokens, if fewer), else
   the widest multiple of 128 classes that fits; the rows then fill the blocks, as a
   multiple of 8. The value-and-grad of ``"mean"``/``"sum"`` keeps each chunk's
-  float32 logits (``kept_chunks``): as many rows as fit 64 MiB, at most an eighth
-  of the tokens but at least 128, swept for the gradient 1024 classes at a time on
-  CPU (8192 elsewhere); where 128 rows do not fit, or for half-precision inputs on
-  CPU, it uses the fixed blocks too. An int ``chunk_size`` sets the rows (the slice
+  float32 logits (``kept_chunks``): as many rows as fit 64 MiB (and 16 MiB of
+  ``x``), at most an eighth of the tokens but at least 128, swept for the gradient
+  whole where the fixed rule would take one slice, else 1024 classes at a time on
+  CPU (32768 elsewhere); where 128 rows do not fit, or for a half-precision input
+  on CPU, it uses the fixed blocks too. An int ``chunk_size`` sets the rows (the slice
   stays the whole vocabulary, kept); a pair ``(rows, slice)`` sets both, for every
   pass (kept when the slice is the whole vocabulary). Chunks are strided columns of
   the tokens, so a token axis sharded over a mesh axis stays sharded: each device
@@ -500,9 +501,8 @@ def linear_softmax_cross_entropy(
   x2 = x.reshape(num_tokens, x.shape[-1])
   ct = _dtypes.compute_dtype(jnp.promote_types(x.dtype, w.dtype))
   if chunk_size is None:
-    md = jnp.promote_types(x.dtype, w.dtype)
-    grad_chunks = kept_chunks(num_tokens, w.shape[1], w.shape[0],
-                              half_operands=upcast_half_matmul_operands(md))
+    half = any(upcast_half_matmul_operands(a.dtype) for a in (x, w))
+    grad_chunks = kept_chunks(num_tokens, w.shape[1], w.shape[0], half_operands=half)
     if grad_chunks.kept and classes_sharded(w):
       # Slices of a vocab-sharded w under plain jit do not line up with its shards, and
       # XLA would gather them: sweep each device's kept block whole.

@@ -314,6 +314,9 @@ def test_kept_chunk_rule():
   big = kept_chunks(2048, 32768, 256)
   assert big.kept and big.rows == 256 and big.rows * 32768 * 4 <= KEPT_BYTES
   assert kept_chunks(1024, 131072, 256)[:2] == (128, min(big.width, 131072))
+  # Where the fixed rule takes the vocabulary as one slice, so does the sweep.
+  assert default_chunks(1024, 8192, 256)[1] == 8192
+  assert kept_chunks(1024, 8192, 256) == (128, 8192, True)
   # Many tokens: the 64 MiB bound, as a multiple of 8; every block fits its budget.
   rows, width, kept = kept_chunks(100_000, 50_000, 1024)
   assert kept and rows % 8 == 0 and rows * 50_000 * 4 <= KEPT_BYTES
@@ -342,7 +345,9 @@ def test_kept_logits_swept_in_slices_match_the_reference(monkeypatch, options):
   # one) over three chunks of 128 rows (300 tokens, padded) test that sweep on CPU.
   import jaxactv._linear_blocks as blocks
 
+  assert blocks.kept_chunks(300, 1000, 16) == (128, 1000, True)  # one slice, as before
   monkeypatch.setattr(blocks, "kept_sweep_width", lambda: 96)
+  monkeypatch.setattr(blocks, "sweeps_whole", lambda *shape: False)
   assert blocks.kept_chunks(300, 1000, 16) == (128, 96, True)
   x, w, b, y = _problem(n=300, d=16, v=1000)
   y[::7] = 5  # some tokens on ignore_index=5 where it is set
@@ -353,6 +358,26 @@ def test_kept_logits_swept_in_slices_match_the_reference(monkeypatch, options):
   if options.get("where") == "random":
     options["where"] = rng.random(300) < 0.8
   _assert_close_to_reference(options, None, x, w, b, y)
+
+
+@pytest.mark.parametrize("half", ["x", "w"])
+def test_one_half_precision_input_keeps_float32_matmuls(half):
+  # bfloat16 x with float32 w (or the reverse): w's float32 copy would exceed the
+  # slice budget in one matmul, which then ran in bfloat16 (loss off by 3e-4). The
+  # value-and-grad must keep the fixed slices, converted to float32 one at a time.
+  rng = np.random.default_rng(3)
+  n, d, v = 64, 1024, 20000
+  x = rng.standard_normal((n, d)).astype(np.float32)
+  w = (0.03 * rng.standard_normal((d, v))).astype(np.float32)
+  y = rng.integers(0, v, n).astype(np.int32)
+  x, w = (jnp.asarray(a, jnp.bfloat16) if name == half else jnp.asarray(a)
+          for name, a in (("x", x), ("w", w)))
+  z = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
+  m = z.max(-1)
+  want = np.mean(m + np.log(np.exp(z - m[:, None]).sum(-1)) - z[np.arange(n), y])
+  loss = lambda x, w: jaxactv.linear_softmax_cross_entropy(x, w, y)
+  value, _ = jax.jit(jax.value_and_grad(loss, (0, 1)))(x, w)
+  np.testing.assert_allclose(value, want, rtol=2e-6)
 
 
 def test_default_value_and_grad_holds_an_eighth_of_the_unfused_memory():
