@@ -58,11 +58,12 @@ KEPT_MIN_ROWS = 128
 class Chunks(NamedTuple):
   """How a loop walks the logits: ``rows`` tokens per chunk, ``width`` classes per
   slice; ``kept``: each chunk's whole-vocabulary block of logits is made at once and
-  held for the gradient, which then sweeps it ``width`` classes at a time."""
+  held for the gradient, which then sweeps it ``width`` classes at a time (always so
+  when ``width`` is the whole vocabulary)."""
 
   rows: int
   width: int
-  kept: bool = False
+  kept: bool
 
 
 def default_chunks(
@@ -89,7 +90,8 @@ def default_chunks(
 
 
 def kept_chunks(
-    num_tokens: int, classes: int, hidden: int, half_operands: bool = False
+    num_tokens: int, classes: int, hidden: int, half_operands: bool = False,
+    classes_split: bool = False,
 ) -> Chunks:
   """The chunks of a value-and-grad that keeps each chunk's logits (``chunk_size=None``).
 
@@ -108,7 +110,9 @@ def kept_chunks(
   are swept ``_backend.kept_sweep_width()`` classes at a time, so that ``dz`` and
   ``dw``'s share exist one small slice at a time. Under plain ``jit`` on an ``Auto``
   mesh, whose shardings the trace cannot see, slices of a vocab-split ``w`` make XLA
-  gather it, so this keeps the vocabulary from which that happens where it was.
+  gather it, so this keeps the vocabulary from which that happens where it was. With
+  ``classes_split`` (``w``'s classes split over an ``Explicit`` mesh axis, as typed)
+  each device sweeps its block whole: slices would not line up with the shards.
 
   When ``KEPT_MIN_ROWS`` rows do not fit, or with ``half_operands`` (a half-precision
   input whose matmuls XLA:CPU runs in float32, ``_backend``: one matmul over all of
@@ -120,10 +124,11 @@ def kept_chunks(
   least = min(KEPT_MIN_ROWS, padded_tokens)
   fits = min(KEPT_BYTES // (4 * classes), BLOCK_BYTES // (4 * hidden)) // 8 * 8
   if fits < least or half_operands:
-    return Chunks(*default_chunks(num_tokens, classes, hidden))
+    rows, width = default_chunks(num_tokens, classes, hidden)
+    return Chunks(rows, width, kept=width >= classes)
   eighth = -(-padded_tokens // 64) * 8
   rows = min(fits, max(least, eighth), padded_tokens)
-  whole = sweeps_whole(num_tokens, classes, hidden)
+  whole = classes_split or sweeps_whole(num_tokens, classes, hidden)
   return Chunks(rows, classes if whole else min(kept_sweep_width(), classes), kept=True)
 
 

@@ -116,11 +116,11 @@ class _Stats(NamedTuple):
 def _chunk_stats(xc, w, bias, cw, yc, cfg, chunks, shards, ct):
   """One sweep over the local vocabulary: running max, sum of exp, label logit, dist.
 
-  Returns the statistics and, when ``chunks`` keeps the logits or the vocabulary is
-  one slice, that block of logits (for the gradient to reuse), else None.
+  Returns the statistics and, when ``chunks`` keeps the logits, that block of
+  logits over the local vocabulary (for the gradient to reuse), else None.
   """
   local_idx, here = shards.local_index(yc)
-  single = chunks.kept or chunks.width >= w.shape[1]
+  single = chunks.kept
   smooth = cfg.label_smoothing > 0
 
   def fold(carry, lo, w_k, cls_k):
@@ -497,18 +497,15 @@ def linear_softmax_cross_entropy(
     check_concrete_labels(labels_in, w.shape[1], ignore_index)
 
   num_tokens = math.prod(x.shape[:-1])
-  chunks = Chunks(*chunk_sizes(chunk_size, num_tokens, w.shape[1], w.shape[0]))
+  rows, width = chunk_sizes(chunk_size, num_tokens, w.shape[1], w.shape[0])
+  chunks = Chunks(rows, width, kept=width >= w.shape[1])
   x2 = x.reshape(num_tokens, x.shape[-1])
   ct = _dtypes.compute_dtype(jnp.promote_types(x.dtype, w.dtype))
+  grad_chunks = chunks
   if chunk_size is None:
     half = any(upcast_half_matmul_operands(a.dtype) for a in (x, w))
-    grad_chunks = kept_chunks(num_tokens, w.shape[1], w.shape[0], half_operands=half)
-    if grad_chunks.kept and classes_sharded(w):
-      # Slices of a vocab-sharded w under plain jit do not line up with its shards, and
-      # XLA would gather them: sweep each device's kept block whole.
-      grad_chunks = grad_chunks._replace(width=w.shape[1])
-  else:
-    grad_chunks = chunks
+    grad_chunks = kept_chunks(num_tokens, w.shape[1], w.shape[0], half_operands=half,
+                              classes_split=classes_sharded(w))
   flat_labels = like_tokens(labels.reshape(num_tokens), x2)
   counts = token_mask(where, labels.shape, x2)
   if ignore_index is not None:

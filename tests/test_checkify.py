@@ -251,3 +251,27 @@ def test_out_of_range_label_in_the_gradient_is_reported_too():
   err, _ = jax.jit(checkify.checkify(grad, errors=checkify.all_checks))(
       jnp.zeros((2, 3)), jnp.array([0, 3]))
   assert err.get() is not None and "= 3 " in err.get() and "3 classes" in err.get()
+
+
+def test_fused_linear_loss_with_kept_logits_is_silent(monkeypatch):
+  # The default value-and-grad keeps each chunk's logits and sweeps them in slices
+  # (96 classes of 1000 here, the last one narrower), reading the label's logit with
+  # a gather: no NaN, zero division or out-of-bounds index, with a -inf bias masking
+  # classes (a whole slice and part of another) and ignored tokens.
+  import jaxactv._linear_blocks as blocks
+
+  monkeypatch.setattr(blocks, "kept_sweep_width", lambda: 96)
+  monkeypatch.setattr(blocks, "sweeps_whole", lambda *shape: False)
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((300, 16)).astype(np.float32)
+  w = (0.3 * rng.standard_normal((16, 1000))).astype(np.float32)
+  bias = np.zeros(1000, np.float32)
+  bias[100:250] = -INF
+  y = rng.integers(0, 100, 300).astype(np.int32)
+  y[::5] = -100
+  f = lambda x, w: jaxactv.linear_softmax_cross_entropy(
+      x, w, y, bias=bias, ignore_index=-100, z_loss=1e-3)
+  assert blocks.kept_chunks(300, 1000, 16).kept
+  loss, (dx, dw) = _silent({"linear": f}, x, w)["linear"]
+  assert np.isfinite(loss) and np.isfinite(dx).all() and np.isfinite(dw).all()
+  assert np.all(np.asarray(dw)[:, 100:250] == 0)  # masked classes get no gradient

@@ -257,25 +257,29 @@ def test_matmul_count():
   assert _count_matmuls(jax.value_and_grad(fused("none"), (0, 1)), x, w) == 4
 
 
-def test_memory_is_a_fraction_of_the_unfused_version():
-  # Compiler memory analysis: deterministic, not a timing.
-  n, d, v = 2048, 64, 8192
+def _value_and_grad_temp_bytes(f, n, d, v):
+  """XLA's temp memory for ``value_and_grad(f, (0, 1))`` at ``[n, d] x [d, v]`` float32:
+  compiler memory analysis, compiled only (deterministic, not a timing)."""
   args = (
       jax.ShapeDtypeStruct((n, d), jnp.float32),
       jax.ShapeDtypeStruct((d, v), jnp.float32),
       jax.ShapeDtypeStruct((n,), jnp.int32),
   )
+  compiled = jax.jit(jax.value_and_grad(f, (0, 1))).lower(*args).compile()
+  return compiled.memory_analysis().temp_size_in_bytes
 
-  def temp_bytes(f):
-    compiled = jax.jit(jax.value_and_grad(f, (0, 1))).lower(*args).compile()
-    return compiled.memory_analysis().temp_size_in_bytes
 
+def _unfused_loss(x, w, y):
+  return optax.softmax_cross_entropy_with_integer_labels(x @ w, y).mean()
+
+
+def test_memory_is_a_fraction_of_the_unfused_version():
+  n, d, v = 2048, 64, 8192
   # 256-row chunks: 1/8 of the tokens per block (the default rule would use 1024 rows,
   # half of this small problem; the full-size comparison is in benchmarks/).
-  fused = temp_bytes(lambda x, w, y: jaxactv.linear_softmax_cross_entropy(x, w, y, chunk_size=256))
-  unfused = temp_bytes(
-      lambda x, w, y: optax.softmax_cross_entropy_with_integer_labels(x @ w, y).mean()
-  )
+  fused = _value_and_grad_temp_bytes(
+      lambda x, w, y: jaxactv.linear_softmax_cross_entropy(x, w, y, chunk_size=256), n, d, v)
+  unfused = _value_and_grad_temp_bytes(_unfused_loss, n, d, v)
   assert unfused >= n * v * 4  # it holds the logits
   assert fused * 4 < unfused, (fused, unfused)
 
@@ -328,6 +332,8 @@ def test_kept_chunk_rule():
   # the fixed blocks of the forward pass, recomputed in the backward pass.
   assert kept_chunks(100_000, 262144, 256) == (*default_chunks(100_000, 262144, 256), False)
   assert not kept_chunks(2048, 32768, 256, half_operands=True).kept
+  # Classes split over an Explicit mesh axis: each device's block is swept whole.
+  assert kept_chunks(2048, 32768, 256, classes_split=True) == (256, 32768, True)
 
 
 @pytest.mark.parametrize(
@@ -385,20 +391,8 @@ def test_default_value_and_grad_holds_an_eighth_of_the_unfused_memory():
   # slices of the sweep stay under 1/8 of what x @ w + optax holds (its logits and
   # their cotangent); three matmuls per chunk, as the unfused version.
   n, d, v = 2048, 256, 32768
-  args = (
-      jax.ShapeDtypeStruct((n, d), jnp.float32),
-      jax.ShapeDtypeStruct((d, v), jnp.float32),
-      jax.ShapeDtypeStruct((n,), jnp.int32),
-  )
-
-  def temp_bytes(f):
-    compiled = jax.jit(jax.value_and_grad(f, (0, 1))).lower(*args).compile()
-    return compiled.memory_analysis().temp_size_in_bytes
-
-  fused = temp_bytes(jaxactv.linear_softmax_cross_entropy)
-  unfused = temp_bytes(
-      lambda x, w, y: optax.softmax_cross_entropy_with_integer_labels(x @ w, y).mean()
-  )
+  fused = _value_and_grad_temp_bytes(jaxactv.linear_softmax_cross_entropy, n, d, v)
+  unfused = _value_and_grad_temp_bytes(_unfused_loss, n, d, v)
   assert unfused >= 2 * n * v * 4
   # jax 0.10's XLA:CPU sums exp(z - max) inside its reduction kernel; the oldest jax we
   # support (0.8.3) writes that block out first, one more kept-block-sized buffer
