@@ -28,7 +28,9 @@ twins in :mod:`jaxactv.reference`.
 
 The reductions' inputs are plain arithmetic (``min``, ``exp``): XLA fuses those
 into its reduction kernels, where a per-element select would break the fusion on
-XLA:CPU. Selects appear only in elementwise outputs, where they cost nothing.
+XLA:CPU. Selects appear only in elementwise outputs, where they cost nothing, and in
+one place where the break is wanted: on CPU, rows of more than 1024 float32 logits
+take their ``exp`` in a loop of its own (``_backend.exponentials_in_own_loop``).
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from jax.typing import ArrayLike
 
 from jaxactv import _dtypes
 from jaxactv._arith import row_sum, sum_to_operand
-from jaxactv._backend import reuse_forward_exponentials
+from jaxactv._backend import exponentials_in_own_loop, reuse_forward_exponentials
 from jaxactv._sharding import like_logits
 from jaxactv._validation import Axis, as_activation_input, as_mask, broadcasts_to, canonical_axes
 
@@ -144,8 +146,9 @@ class ShiftedRows(NamedTuple):
   """
 
   shifted: jax.Array  # min(x - c, big - c): <= 0, 0 at a row max, -inf at -inf
+  exps: jax.Array  # exp(shifted), in its own loop on CPU's long rows (_backend)
   row_max: jax.Array  # m, the raw row max (keepdims): +inf on a +inf row
-  sum_exp: jax.Array  # sum of exp(shifted): >= 1 on a row with an entry, else 0
+  sum_exp: jax.Array  # sum of exps: >= 1 on a row with an entry, else 0
   big: float  # the input dtype's largest finite value
 
   @property
@@ -157,7 +160,7 @@ class ShiftedRows(NamedTuple):
     return jnp.maximum(self.sum_exp, 0.5)
 
   def probs(self) -> jax.Array:
-    return jnp.exp(self.shifted) / self.safe_sum_exp
+    return self.exps / self.safe_sum_exp
 
   def log_probs(self) -> jax.Array:
     # scale is 1 on every row but a +inf one (m = inf), where it is 1 + 2**127: there
@@ -183,9 +186,17 @@ def shift_rows(x: jax.Array, axes: tuple[int, ...], ct) -> ShiftedRows:
   # Capped at big - c (a per-row number), not at 0: below big the cap is never
   # reached, so the derivative at the row max stays 1 (min splits it at a tie) and
   # reverse-over-reverse is exact; on a +inf row the cap is 0.
-  shifted = jnp.minimum(x.astype(ct) - offset, big - offset)
-  sum_exp = jnp.sum(jnp.exp(shifted), axes, keepdims=True)
-  return ShiftedRows(shifted, row_max, sum_exp, big)
+  xc = x.astype(ct)
+  shifted = jnp.minimum(xc - offset, big - offset)
+  if exponentials_in_own_loop(x.dtype, math.prod(x.shape[a] for a in axes)):
+    # The same values: a +inf logit sits on a +inf row (c = big), where exp(shifted) is
+    # exp(0). The select keeps the exp out of XLA:CPU's reduction kernel, where it runs
+    # at half speed on long rows (_backend); without the cap the loop is shorter.
+    exps = jnp.where(xc == jnp.inf, 1.0, jnp.exp(xc - offset))
+  else:
+    exps = jnp.exp(shifted)
+  sum_exp = jnp.sum(exps, axes, keepdims=True)
+  return ShiftedRows(shifted, exps, row_max, sum_exp, big)
 
 
 def _prepare(x, axis, where, allow_empty=False):

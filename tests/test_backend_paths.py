@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import jaxactv
-from jaxactv import _arith, _cross_entropy, _linear_blocks, _sigmoid, reference
+from jaxactv import _arith, _cross_entropy, _linear_blocks, _sigmoid, _softmax, reference
 
 
 @pytest.fixture(params=[True, False], ids=["reuse", "recompute"])
@@ -140,10 +140,21 @@ def row_sum_form(request, monkeypatch):
   jax.clear_caches()
 
 
+@pytest.fixture(params=[True, False], ids=["exp loop", "exp in sum"])
+def exp_loop_form(request, monkeypatch):
+  # On CPU, float32 rows of more than 1024 logits take exp in a loop of its own.
+  monkeypatch.setattr(_softmax, "exponentials_in_own_loop", lambda dtype, n: request.param)
+  jax.clear_caches()
+  yield request.param
+  jax.clear_caches()
+
+
 @pytest.mark.parametrize("masked", [False, True], ids=["", "where"])
 @pytest.mark.parametrize("axis", [-1, (1, 2), 1], ids=["last", "last two", "middle"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-def test_log_softmax_backward_forms(log_softmax_keeps_x, row_sum_form, axis, dtype, masked):
+def test_log_softmax_backward_forms(
+    log_softmax_keeps_x, row_sum_form, exp_loop_form, axis, dtype, masked
+):
   rng = np.random.default_rng(11)
   x = (3 * rng.standard_normal((5, 3, 6))).astype(np.float32)
   x[0, 1, 2] = -np.inf  # one -inf logit: value -inf, gradient 0
@@ -187,7 +198,7 @@ def test_log_softmax_backward_forms(log_softmax_keeps_x, row_sum_form, axis, dty
 
 @pytest.mark.parametrize("name", ["softmax", "log_softmax"])
 @pytest.mark.parametrize("rows", ["random", "confident", "one class"])
-def test_second_order_both_residuals(log_softmax_keeps_x, name, rows):
+def test_second_order_both_residuals(log_softmax_keeps_x, exp_loop_form, name, rows):
   # jax.hessian differentiates the backward pass: through y when y is kept, through the
   # rebuilt forward when x is. "confident" (0 and -20: exp(-20) is lost next to 1) and
   # "one class" rows sum to exactly 1, where a max(sum, 1) guard would halve the
@@ -210,6 +221,70 @@ def test_second_order_both_residuals(log_softmax_keeps_x, name, rows):
   want = jax.jit(lambda: hvp_and_hessian(getattr(reference, name)))()
   for a, b in zip(got, want, strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_softmax_exponential_forms(exp_loop_form, dtype):
+  # The edge rows of the module docs, either way exp is placed: float64 NumPy.
+  big = float(jnp.finfo(dtype).max)
+  x = np.array([
+      [0.5, -1.0, 2.0, -np.inf],  # an ordinary row with a -inf logit
+      [np.inf, 1.0, big, np.inf],  # +inf row: finfo.max counts as +inf
+      [-np.inf] * 4,  # nothing to normalise
+      [big, 0.0, -1.0, 1.0],  # a finite row whose max is finfo.max
+      [np.nan, 0.0, 1.0, 2.0],  # NaN poisons its row
+  ])
+  xd = jnp.asarray(x, dtype)
+  x = np.asarray(xd.astype(jnp.float32), np.float64)
+  g = np.random.default_rng(5).standard_normal(x.shape)
+  y, dx = jax.jit(lambda x, g: (lambda y, pb: (y, pb(g)[0]))(*jax.vjp(jaxactv.softmax, x)))(
+      xd, jnp.asarray(g, dtype))
+  with np.errstate(invalid="ignore"):
+    e = np.exp(x - x.max(-1, keepdims=True))
+    p = e / e.sum(-1, keepdims=True)
+  p[1] = [1 / 3, 0.0, 1 / 3, 1 / 3]  # the dtype's own finfo.max is one of the +inf entries
+  p[2] = 0.0
+  gd = np.asarray(jnp.asarray(g, dtype).astype(jnp.float32), np.float64)
+  want_dx = p * (gd - (gd * p).sum(-1, keepdims=True))
+  tol = 1e-6 if dtype == jnp.float32 else 1e-2
+  np.testing.assert_allclose(np.asarray(y, np.float64), p, rtol=tol, atol=tol)
+  np.testing.assert_allclose(np.asarray(dx, np.float64), want_dx, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("name", ["softmax", "log_softmax"])
+def test_long_rows_take_the_exp_loop_unpatched(name):
+  # 4096 float32 logits a row: the CPU form with exp in its own loop, against the twin,
+  # with a +inf row and an empty row among them.
+  assert _softmax.exponentials_in_own_loop(jnp.float32, 4096) == (jax.default_backend() == "cpu")
+  rng = np.random.default_rng(17)
+  x = (4 * rng.standard_normal((4, 4096))).astype(np.float32)
+  x[1, [7, 4000]] = np.inf
+  x[2] = -np.inf
+  g = rng.standard_normal(x.shape).astype(np.float32)
+  got = jax.jit(lambda x: jax.vjp(getattr(jaxactv, name), x)[1](g)[0])(x)
+  y = jax.jit(getattr(jaxactv, name))(x)
+  finite = np.asarray(x[[0, 3]], np.float64)
+  lse = np.log(np.exp(finite - finite.max(-1, keepdims=True)).sum(-1, keepdims=True))
+  lp = finite - finite.max(-1, keepdims=True) - lse
+  want = np.exp(lp) if name == "softmax" else lp
+  np.testing.assert_allclose(np.asarray(y)[[0, 3]], want, rtol=2e-6, atol=1e-7)
+  inf_row = np.where(np.isinf(x[1]), 0.5, 0.0)
+  if name == "softmax":
+    np.testing.assert_array_equal(np.asarray(y)[1], inf_row)
+    np.testing.assert_array_equal(np.asarray(y)[2], 0.0)
+  else:
+    np.testing.assert_allclose(np.asarray(y)[1], np.log(inf_row), rtol=1e-6)
+    assert np.all(np.asarray(y)[2] == -np.inf)
+  # Float64 NumPy; float32 row sums over 4096 entries round at about 4e-6 of their size.
+  g64 = np.asarray(g[[0, 3]], np.float64)
+  p = np.exp(lp)
+  if name == "softmax":
+    want_dx = p * (g64 - (g64 * p).sum(-1, keepdims=True))
+  else:
+    want_dx = g64 - p * g64.sum(-1, keepdims=True)
+  atol = 1e-9 if name == "softmax" else 2e-5  # softmax's terms are scaled by p ~ 1/4096
+  np.testing.assert_allclose(np.asarray(got)[[0, 3]], want_dx, rtol=1e-5, atol=atol)
+  assert np.all(np.isfinite(np.asarray(got)[[1, 2]]))
 
 
 # --------------------------------------------- fused linear ops: the two matmul forms
