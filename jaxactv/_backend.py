@@ -75,11 +75,11 @@ def exponentials_in_own_loop(logits_dtype, row_size: int) -> bool:
   the ``exp`` lands inside YNNPACK's reduction kernel, which evaluates it at about half
   the speed of an XLA loop: at 32 x 131072 float32 the fused sum of ``exp`` took 2.4 ms
   where the loop writing ``exp`` out took 1.3 ms and a sum of that 0.5 ms. A select
-  that changes no value (``exp(-inf)`` is 0 either way) keeps YNNPACK from taking the
+  that changes no value (``_softmax._exp_in_own_loop``) keeps YNNPACK from taking the
   ``exp``: the exponentials are written out once and summed, and softmax divides that
-  same buffer. Forward at 8192-131072 classes, float32, in one sweep each way:
-  log_softmax 1.16-1.21x ``jax.nn`` -> 0.93-1.07x, softmax 1.12-1.22x -> 1.04-1.11x
-  (fwd+bwd 0.85-1.04x). At 1024 the select would split the single kernel (2x).
+  same buffer. Forward at 8192-131072 classes, float32 (a sweep before, two after):
+  log_softmax 1.16-1.21x ``jax.nn`` -> 0.90-1.05x, softmax 1.12-1.22x -> 0.97-1.15x.
+  At 1024 the select would split the single kernel (2x).
   Half-precision rows keep the fused form, which already runs at 0.7-0.9x. Accelerators
   fuse the whole pass either way.
   """

@@ -223,6 +223,27 @@ def test_second_order_both_residuals(log_softmax_keeps_x, exp_loop_form, name, r
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("name", ["softmax", "log_softmax"])
+def test_reverse_over_reverse_on_a_plus_inf_row(log_softmax_keeps_x, exp_loop_form, name):
+  # jacrev of jacrev multiplies every branch's derivative by its cotangent, the unused
+  # branch of a select included: an inf there would give 0 * inf = NaN. A +inf row is
+  # constant under any finite change (1/k and 0, or -log k and -inf): its block of the
+  # Hessian is 0; the finite row's block is the reference twin's on that row alone.
+  rng = np.random.default_rng(23)
+  x = np.stack([[np.inf, 0.5, np.inf, -1.0, 2.0, 0.0], rng.standard_normal(6)]).astype(np.float32)
+  c = rng.standard_normal(x.shape).astype(np.float32)
+
+  def hessian(f, x, c):
+    return jax.jacrev(jax.jacrev(lambda x: jnp.vdot(jnp.where(jnp.isinf(f(x)), 0.0, f(x)), c)))(x)
+
+  got = np.asarray(jax.jit(lambda x: hessian(getattr(jaxactv, name), x, c))(x))
+  assert np.all(np.isfinite(got)), got
+  np.testing.assert_array_equal(got[0], 0.0)
+  np.testing.assert_array_equal(got[:, :, 0], 0.0)
+  want = jax.jit(lambda x: hessian(getattr(reference, name), x, c[1:]))(x[1:])
+  np.testing.assert_allclose(got[1, :, 1], np.asarray(want)[0, :, 0], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 def test_softmax_exponential_forms(exp_loop_form, dtype):
   # The edge rows of the module docs, either way exp is placed: float64 NumPy.
