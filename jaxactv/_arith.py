@@ -6,13 +6,16 @@ A loss often needs ``t * d`` where ``t`` may be 0 exactly where ``d`` is infinit
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.typing import ArrayLike
 
-from jaxactv._backend import row_sum_as_matvec
-from jaxactv._sharding import same_layout_as
+from jaxactv._backend import long_row_piece, row_sum_as_matvec
+from jaxactv._sharding import explicit_spec, same_layout_as
 from jaxactv._vocab_parallel import cotangent_like
 
 
@@ -47,11 +50,49 @@ def row_sum(a: jax.Array, axes: tuple[int, ...], logits_dtype) -> jax.Array:
   """
   trailing = axes == tuple(range(a.ndim - len(axes), a.ndim))
   if not (row_sum_as_matvec(logits_dtype) and trailing and axes):
-    return jnp.sum(a, axes, keepdims=True)
+    return reduce_rows(jnp.sum, a, axes, keepdims=True)
   ones = jnp.ones(a.shape[a.ndim - len(axes):], a.dtype)
   dims = ((axes, tuple(range(len(axes)))), ((), ()))
   total = lax.dot_general(a, ones, dims, precision=lax.Precision.HIGHEST)
   return jnp.expand_dims(total, axes)
+
+
+def reduce_rows(reduce, a: jax.Array, axes: tuple[int, ...], keepdims: bool = False):
+  """``reduce(a, axes)`` (``jnp.sum``, ``jnp.max`` or :func:`max_at_least`), with on CPU
+  long rows reduced a piece at a time (``_backend.long_row_piece``).
+
+  Only a reduction over trailing axes that are not typed as split over devices takes
+  the pieces: the rows become ``[..., n / piece, piece]``, the pieces are reduced, and
+  then their results, behind an optimisation barrier (XLA merges two reductions in a
+  row back into one). A max is the same; a sum differs in its order of additions
+  only (two levels, no less accurate).
+  """
+  n = math.prod(a.shape[d] for d in axes)
+  trailing = bool(axes) and axes == tuple(range(a.ndim - len(axes), a.ndim))
+  piece = long_row_piece(n) if trailing else None
+  spec = explicit_spec(a)
+  if piece is None or (spec is not None and any(spec[d] is not None for d in axes)):
+    out = reduce(a, axes)
+  else:
+    lead = a.shape[: a.ndim - len(axes)]
+    parts = reduce(a.reshape(*lead, n // piece, piece), (len(lead) + 1,))
+    out = reduce(lax.optimization_barrier(parts), (len(lead),))
+  return jnp.expand_dims(out, axes) if keepdims else out
+
+
+def max_at_least(floor: float):
+  """A reducer for :func:`reduce_rows`: the max over ``axes`` and ``floor``.
+
+  ``floor`` is the reduction's initial value, not a ``maximum`` with each element or
+  with the result: XLA:CPU runs it as a plain max (an elementwise op inside slows it
+  about 3x), and nothing per row sits between it and an op that broadcasts it back
+  over the row. Not differentiable: for a shift taken under ``stop_gradient``.
+  """
+
+  def reduce(a, axes):
+    return lax.reduce(a, np.asarray(floor, a.dtype), lax.max, axes)
+
+  return reduce
 
 
 def sum_to_operand(a: jax.Array, operand) -> jax.Array:

@@ -89,6 +89,43 @@ def exponentials_in_own_loop(logits_dtype, row_size: int) -> bool:
   )
 
 
+def soft_loss_in_separate_sweeps(logits_dtype, row_size: int) -> bool:
+  """True on CPU for float32/64 rows of more than 1024 logits: the soft-label loss's
+  three sweeps share no logits-sized value (``_cross_entropy._soft_fwd``).
+
+  The loss needs the row max, the sum of ``exp(x - max)`` and ``sum(t * (lse - x))``.
+  Up to 1024 logits per row XLA:CPU fuses max, shift and exponential into one YNNPACK
+  kernel, as it does optax's. Above that it writes the shifted logits out for the
+  other two sweeps to read; spelled so that nothing is shared, each sweep reads the
+  logits afresh and nothing is written: forward at 2048-32768 classes went from
+  1.1-1.2x optax to 0.85-0.9x. Half-precision logits pay for a float32 conversion in
+  every sweep and keep the shared form (1.15-1.2x either way). Accelerators fuse
+  the sweeps either way.
+  """
+  return (
+      jax.default_backend() == "cpu" and jnp.dtype(logits_dtype).itemsize >= 4
+      and row_size > 1024
+  )
+
+
+def long_row_piece(row_size: int) -> int | None:
+  """On CPU, the piece length a row of more than 32768 values is reduced in, else None.
+
+  YNNPACK, which runs XLA:CPU's row reductions, slows down once a row outgrows
+  32768 float32 values: at 32 x 131072 float32 a row sum of ``exp(x - m)`` took
+  2.5 ms and a max 0.44 ms, where the same data as 512 rows of 8192 took 1.5 ms and
+  0.27 ms (128 x 32768 runs at the short rows' speed). So a long row is reduced in
+  pieces, the partial results behind an optimisation barrier (XLA would merge the two
+  reductions back into one) and then reduced across the pieces
+  (``_arith.reduce_rows``). The piece is the largest divisor of the row length
+  between 2048 and 16384; a length with none is reduced whole. Accelerators reduce
+  long rows at full speed.
+  """
+  if jax.default_backend() != "cpu" or row_size <= 32768:
+    return None
+  return next((p for p in range(16384, 2047, -1) if row_size % p == 0), None)
+
+
 # The fused linear ops (jaxactv._linear_blocks). Measured on a 2-core AMD EPYC (AVX2, no
 # native bfloat16), jax 0.10.2, N x D x V = 1024 x 256 x 131072 and 2048 x 256 x 32768,
 # value and gradient: the three forms below took the bfloat16 loss from 1.13-1.39x to

@@ -31,7 +31,8 @@ into its reduction kernels, where a per-element select would break the fusion on
 XLA:CPU. Selects appear only in elementwise outputs, where they cost nothing, and in
 one place where the break is wanted: on CPU, rows of more than 1024 float32 or
 float64 logits take their ``exp`` in a loop of its own
-(``_backend.exponentials_in_own_loop``).
+(``_backend.exponentials_in_own_loop``). On CPU the forward's max and sum over a row
+of more than 32768 logits go a piece at a time (``_arith.reduce_rows``).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from jax import lax
 from jax.typing import ArrayLike
 
 from jaxactv import _dtypes
-from jaxactv._arith import row_sum, sum_to_operand
+from jaxactv._arith import reduce_rows, row_sum, sum_to_operand
 from jaxactv._backend import exponentials_in_own_loop, reuse_forward_exponentials
 from jaxactv._sharding import like_logits
 from jaxactv._validation import Axis, as_activation_input, as_mask, broadcasts_to, canonical_axes
@@ -204,7 +205,7 @@ def shift_rows(x: jax.Array, axes: tuple[int, ...], ct) -> ShiftedRows:
   big = float(jnp.finfo(x.dtype).max)
   # The max in x's own dtype (exact), with nothing between it and the shift but per-row
   # arithmetic. The -inf start only matters for an axis of size 0.
-  row_max = jnp.max(x, axes, keepdims=True, initial=-jnp.inf)
+  row_max = reduce_rows(functools.partial(jnp.max, initial=-jnp.inf), x, axes, keepdims=True)
   row_max = lax.stop_gradient(row_max.astype(ct))
   # Clamped to [-big, big] as two maxes: XLA rewrites min(max(m, -big), big) into a
   # clamp, which YNNPACK fuses into no kernel.
@@ -218,7 +219,7 @@ def shift_rows(x: jax.Array, axes: tuple[int, ...], ct) -> ShiftedRows:
     exps = _exp_in_own_loop(xc, offset)
   else:
     exps = jnp.exp(shifted)
-  sum_exp = jnp.sum(exps, axes, keepdims=True)
+  sum_exp = reduce_rows(jnp.sum, exps, axes, keepdims=True)
   return ShiftedRows(shifted, exps, row_max, sum_exp, big)
 
 
