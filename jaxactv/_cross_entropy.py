@@ -2,8 +2,10 @@
 
 Both losses are one ``jax.custom_vjp`` each. The forward pass sweeps the logits
 for the row max and then for one fused sum of everything the loss needs (for soft
-labels XLA:CPU runs the max, the shift and the exponential as one kernel, as it does
-optax's), and the backward pass makes one sweep that writes the closed-form gradient
+labels at up to 1024 classes XLA:CPU runs the max, the shift and the exponential as
+one kernel, as it does optax's; above that three sweeps that share nothing, see
+``_backend.soft_loss_in_separate_sweeps``), and the backward pass makes one sweep
+that writes the closed-form gradient
 
     d loss / d logits = g * (a * softmax(logits) - target),
 
@@ -13,7 +15,8 @@ weights) and a few numbers per example; nothing else the size of the logits is
 kept. (A class axis that is not trailing is moved there first: that transpose is
 a copy, and it is what the rule keeps.) On XLA:CPU (every logits dtype) the
 compiler itself keeps the forward's exponentials for the backward: see
-``_backend.py``.
+``_backend.py``. On CPU a row of more than 32768 logits is reduced a piece at a time
+(``_arith.reduce_rows``).
 
 Numbers are computed in float32 (float64 for float64 logits); the loss comes back
 in that dtype and the gradient in the logits' dtype.
@@ -27,12 +30,19 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 from jax.experimental import checkify
 from jax.typing import ArrayLike
 
 from jaxactv import _dtypes
-from jaxactv._arith import as_one_buffer, sum_to_operand, times_allowing_inf
-from jaxactv._backend import reuse_forward_exponentials
+from jaxactv._arith import (
+    as_one_buffer,
+    max_at_least,
+    reduce_rows,
+    sum_to_operand,
+    times_allowing_inf,
+)
+from jaxactv._backend import reuse_forward_exponentials, soft_loss_in_separate_sweeps
 from jaxactv._layout import broadcast_classes_last, to_class_layout
 from jaxactv._reduction import reduce_losses
 from jaxactv._sharding import (
@@ -119,13 +129,16 @@ def _int_fwd(logits, labels, class_mask, class_weights, counts, cfg):
   x = mask_logits(logits.astype(ct), class_mask)
   # The max in the logits' own dtype (exact), read straight from them: for half
   # precision, XLA:CPU then needs no float32 copy before this pass.
-  row_max = jnp.max(mask_logits(logits, class_mask), -1, keepdims=True, initial=-jnp.inf)
+  row_max = reduce_rows(
+      functools.partial(jnp.max, initial=-jnp.inf), mask_logits(logits, class_mask), (x.ndim - 1,),
+      keepdims=True,
+  )
   row_max = shards.pmax(row_max.astype(ct))
   offset = finite_offset(row_max)
   local_idx, here = shards.local_index(labels)
   x_label = pick_class(x, local_idx)
   parts = {
-      "sum_exp": jnp.sum(jnp.exp(x - offset), -1),
+      "sum_exp": reduce_rows(jnp.sum, jnp.exp(x - offset), (x.ndim - 1,)),
       "x_label": jnp.where(here, x_label, 0.0),
   }
   if class_weights is not None:
@@ -528,7 +541,7 @@ def _sum_allowing_inf(t: jax.Array, d: jax.Array) -> jax.Array:
   adds ``mass * big`` (less than ``M``), not ``inf``.
   """
   big = jnp.finfo(d.dtype).max
-  total = jnp.sum(t * d, -1)
+  total = reduce_rows(jnp.sum, t * d, (d.ndim - 1,))
   # A negative mass (not a probability) on a -inf logit reads as -inf, its limit.
   m = big * 2.0**-64
   return jnp.where(total >= m, jnp.inf, jnp.where(total <= -m, -jnp.inf, total))
@@ -540,17 +553,32 @@ def _soft_fwd(logits, labels, class_mask, counts, cfg):
   x = mask_logits(logits.astype(ct), class_mask)
   t = _targets(labels, class_mask, eps, ct)
   big = jnp.finfo(ct).max
-  # The shift: the row max, or -big on a row with no finite logit (whose logits stay
-  # -inf after it, never -inf - -inf). The floor sits inside the reduction and the max
-  # feeds the shift directly: XLA:CPU then fuses max, shift and exp into one kernel (a
-  # per-row select in between splits it into passes that write the logits out).
-  offset = jnp.max(jnp.maximum(x, -big), -1, keepdims=True, initial=-jnp.inf)
-  # Floored inside that kernel: a -inf logit's distance below the max is then about
-  # big, not inf, and the loss's own sum needs no cap per logit.
-  shifted = jnp.maximum(x - offset, shift_floor(ct))
-  sum_exp = jnp.sum(jnp.exp(shifted), -1, keepdims=True)
-  log_sum = safe_log_sum(sum_exp)
-  loss = _sum_allowing_inf(t, log_sum - shifted)
+  floor = shift_floor(ct)
+  if soft_loss_in_separate_sweeps(logits.dtype, x.shape[-1]):
+    # Three sweeps that share no logits-sized value: the max, the sum of exp(x - m)
+    # and the loss's sum. m is the max over x and -big (the reduction's initial
+    # value), so a row with no finite logit has exp(-inf) = 0 terms, never -inf - -inf;
+    # the loss's shift max(m, -big) is the same number, spelled apart so that XLA does
+    # not write x - m out for both sweeps to read.
+    row_max = reduce_rows(max_at_least(float(-big)), lax.stop_gradient(x), (x.ndim - 1,), True)
+    sum_exp = reduce_rows(jnp.sum, jnp.exp(x - row_max), (x.ndim - 1,), True)
+    offset = jnp.maximum(row_max, -big)
+    distance = jnp.minimum(offset - x, -floor)  # max - x, capped at about big
+    log_sum = safe_log_sum(sum_exp)
+    loss = _sum_allowing_inf(t, log_sum + distance)
+  else:
+    # The shift: the row max, or -big on a row with no finite logit (whose logits stay
+    # -inf after it, never -inf - -inf). The floor sits inside the reduction and the
+    # max feeds the shift directly: XLA:CPU then fuses max, shift and exp into one
+    # kernel (a per-row select in between splits it into passes that write the logits
+    # out).
+    row_max = offset = jnp.max(jnp.maximum(x, -big), -1, keepdims=True, initial=-jnp.inf)
+    # Floored inside that kernel: a -inf logit's distance below the max is then about
+    # big, not inf, and the loss's own sum needs no cap per logit.
+    shifted = jnp.maximum(x - offset, floor)
+    sum_exp = jnp.sum(jnp.exp(shifted), -1, keepdims=True)
+    log_sum = safe_log_sum(sum_exp)
+    loss = _sum_allowing_inf(t, log_sum - shifted)
   sum_exp, log_sum = sum_exp[..., 0], log_sum[..., 0]
   if z > 0:
     loss = loss + z * jnp.square(offset[..., 0] + log_sum)
@@ -558,7 +586,7 @@ def _soft_fwd(logits, labels, class_mask, counts, cfg):
   # row sums into a caller's sum over the batch, which XLA:CPU does by writing out
   # logits-sized broadcasts of the per-row numbers (5x slower).
   loss = jnp.where(counts, as_one_buffer(loss), 0.0)
-  return loss, (logits, labels, class_mask, counts, offset[..., 0], sum_exp)
+  return loss, (logits, labels, class_mask, counts, row_max[..., 0], sum_exp)
 
 
 def _soft_bwd(cfg, res, g):
@@ -571,12 +599,15 @@ def _soft_bwd(cfg, res, g):
   t = _targets(labels, class_mask, eps, ct)
   # d loss / d x = coef * softmax(x) - t, coef = sum(t) (+ 2 z lse). Summed here, not in
   # the forward: XLA:CPU then folds the sum into the gradient's own pass over t.
-  coef = jnp.sum(t, -1, keepdims=True)
+  coef = reduce_rows(jnp.sum, t, (t.ndim - 1,), keepdims=True)
   if z > 0:
     coef = coef + 2.0 * z * (offset + safe_log_sum(sum_exp))
   # A row with no finite logit has softmax 0: its coefficient is moot (0, not -inf).
   coef = jnp.where(sum_exp == 0, 0.0, coef)
-  probs = scaled_probs(x, offset, sum_exp, g * coef, logits.dtype, floor=shift_floor(ct))
+  # The forward's own exponential (the floor only where its sweeps are fused).
+  apart = soft_loss_in_separate_sweeps(logits.dtype, x.shape[-1])
+  floor = None if apart else shift_floor(ct)
+  probs = scaled_probs(x, offset, sum_exp, g * coef, logits.dtype, floor=floor)
   dlogits = probs - g * t
   # d loss / d label_j = (1 - eps) * (lse - x_j): +inf at a -inf logit, 0 where masked.
   nll = safe_log_sum(sum_exp) + distance_below_max(x, offset)

@@ -149,11 +149,23 @@ def exp_loop_form(request, monkeypatch):
   jax.clear_caches()
 
 
+@pytest.fixture(params=[2, None], ids=["in pieces of 2", "whole rows"])
+def row_pieces(request, monkeypatch):
+  # On CPU rows of more than 32768 values are reduced a piece at a time.
+  piece = request.param
+  monkeypatch.setattr(
+      _arith, "long_row_piece", lambda n: piece if piece and n % piece == 0 and n > piece else None
+  )
+  jax.clear_caches()
+  yield piece
+  jax.clear_caches()
+
+
 @pytest.mark.parametrize("masked", [False, True], ids=["", "where"])
 @pytest.mark.parametrize("axis", [-1, (1, 2), 1], ids=["last", "last two", "middle"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 def test_log_softmax_backward_forms(
-    log_softmax_keeps_x, row_sum_form, exp_loop_form, axis, dtype, masked
+    log_softmax_keeps_x, row_sum_form, exp_loop_form, row_pieces, axis, dtype, masked
 ):
   rng = np.random.default_rng(11)
   x = (3 * rng.standard_normal((5, 3, 6))).astype(np.float32)
@@ -245,7 +257,7 @@ def test_reverse_over_reverse_on_a_plus_inf_row(log_softmax_keeps_x, exp_loop_fo
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-def test_softmax_exponential_forms(exp_loop_form, dtype):
+def test_softmax_exponential_forms(exp_loop_form, row_pieces, dtype):
   # The edge rows of the module docs, either way exp is placed: float64 NumPy.
   big = float(jnp.finfo(dtype).max)
   x = np.array([
@@ -306,6 +318,126 @@ def test_long_rows_take_the_exp_loop_unpatched(name):
   atol = 1e-9 if name == "softmax" else 2e-5  # softmax's terms are scaled by p ~ 1/4096
   np.testing.assert_allclose(np.asarray(got)[[0, 3]], want_dx, rtol=1e-5, atol=atol)
   assert np.all(np.isfinite(np.asarray(got)[[1, 2]]))
+
+
+# ------------------------------- soft labels: shared or separate sweeps; long rows
+
+
+@pytest.fixture(params=[True, False], ids=["separate sweeps", "shared shift"])
+def soft_sweeps_form(request, monkeypatch):
+  # On CPU, float32 rows of more than 1024 logits: three sweeps that share nothing.
+  monkeypatch.setattr(
+      _cross_entropy, "soft_loss_in_separate_sweeps", lambda dtype, n: request.param
+  )
+  jax.clear_caches()
+  yield request.param
+  jax.clear_caches()
+
+
+def _soft_edge_rows(dtype):
+  # Float64 NumPy: loss = sum_j t_j (lse - x_j), gradient sum(t) softmax(x) - t.
+  x = np.array([
+      [0.5, -1.0, 2.0, 0.0, 1.0, -3.0, 0.25, 4.0],  # ordinary
+      [0.5, -np.inf, 2.0, 0.0, 1.0, -3.0, 0.25, 4.0],  # -inf logit, no mass on it: finite
+      [0.5, -np.inf, 2.0, 0.0, 1.0, -3.0, 0.25, 4.0],  # -inf logit with mass: inf
+      [-np.inf] * 8,  # nothing to normalise, no mass: 0
+      [-np.inf] * 8,  # nothing to normalise, with mass: inf
+      [np.nan, 0.0, 1.0, 2.0, 0.0, 0.0, 0.0, 0.0],  # NaN poisons its row
+  ])
+  rng = np.random.default_rng(23)
+  t = rng.dirichlet(np.ones(8), len(x))
+  t[1, 1] = 0.0
+  t[3] = 0.0
+  xd = jnp.asarray(x, dtype)
+  return xd, np.asarray(xd.astype(jnp.float32), np.float64), jnp.asarray(t, dtype)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_soft_label_forms_on_edge_rows(soft_sweeps_form, row_pieces, dtype):
+  xd, x, td = _soft_edge_rows(dtype)
+  t = np.asarray(td.astype(jnp.float32), np.float64)
+  f = lambda x, t: jaxactv.softmax_cross_entropy(x, t)
+  loss = jax.jit(f)(xd, td)
+  dx, dt = jax.jit(jax.grad(lambda x, t: f(x, t)[:2].sum(), (0, 1)))(xd, td)
+  fin = x[:2]
+  lse = np.log(np.exp(fin - fin.max(-1, keepdims=True)).sum(-1)) + fin.max(-1)
+  with np.errstate(invalid="ignore"):
+    want = (t[:2] * np.where(t[:2] == 0, 0.0, lse[:, None] - fin)).sum(-1)
+  tol = 1e-6 if dtype == jnp.float32 else 1e-2
+  loss = np.asarray(loss, np.float64)
+  np.testing.assert_allclose(loss[:2], want, rtol=tol)
+  np.testing.assert_array_equal(loss[2:], [np.inf, 0.0, np.inf, np.nan])
+  p = np.exp(fin - lse[:, None])
+  want_dx = t[:2].sum(-1, keepdims=True) * p - t[:2]
+  np.testing.assert_allclose(np.asarray(dx[:2], np.float64), want_dx, rtol=tol, atol=tol * 1e-2)
+  np.testing.assert_array_equal(np.asarray(dx[2:5]), 0.0)  # their loss is not in the sum
+  assert dx[1, 1] == 0.0  # the -inf logit
+  # d loss / d t_j = lse - x_j: +inf at the -inf logit.
+  assert dt[1, 1] == np.inf
+  np.testing.assert_allclose(np.asarray(dt[0], np.float64), lse[0] - fin[0], rtol=tol, atol=tol)
+
+
+def test_soft_label_forms_second_order(soft_sweeps_form, row_pieces):
+  # jax.hessian through the rule (forward-over-reverse) against the unfused twin, with
+  # z-loss, on soft labels that do not sum to one.
+  rng = np.random.default_rng(29)
+  x = (2 * rng.standard_normal((2, 8))).astype(np.float32)
+  t = (rng.dirichlet(np.ones(8), 2) * [[1.0], [0.5]]).astype(np.float32)
+  opts = {"z_loss": 1e-2, "reduction": "sum"}
+  got = jax.jit(jax.hessian(lambda x: jaxactv.softmax_cross_entropy(x, t, **opts)))(x)
+  want = jax.hessian(lambda x: reference.softmax_cross_entropy(x, t, **opts))(x)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("axes", [(-1,), (1, 2)], ids=["last", "last two"])
+@pytest.mark.parametrize("keepdims", [False, True])
+def test_reduce_rows_in_pieces(row_pieces, axes, keepdims):
+  rng = np.random.default_rng(37)
+  a = rng.standard_normal((3, 4, 8)).astype(np.float32)
+  a[1, :, :] = -np.inf
+  axes = tuple(d % a.ndim for d in axes)
+  for reduce, want in [(jnp.sum, np.sum), (_arith.max_at_least(-1.0), None)]:
+    got = jax.jit(lambda a, reduce=reduce: _arith.reduce_rows(reduce, a, axes, keepdims))(a)
+    if want is None:  # the max over the rows and -1
+      expect = np.maximum(np.max(a, axes, keepdims=keepdims), -1.0)
+    else:
+      expect = want(a.astype(np.float64), axes, keepdims=keepdims)
+    np.testing.assert_allclose(got, expect, rtol=1e-6)
+
+
+def test_long_rows_reduced_in_pieces_unpatched():
+  # 65536 float32 logits a row: on CPU every row reduction goes in pieces of 16384. The
+  # losses and log_softmax against float64 NumPy, with -inf logits and an empty row.
+  on_cpu = jax.default_backend() == "cpu"
+  assert _arith.long_row_piece(65536) == (16384 if on_cpu else None)
+  assert _arith.long_row_piece(32768) is None
+  rng = np.random.default_rng(41)
+  n = 65536
+  x = (3 * rng.standard_normal((3, n))).astype(np.float32)
+  x[0, :100] = -np.inf
+  x[2] = -np.inf
+  t = rng.dirichlet(np.ones(n), 3).astype(np.float32)
+  t[0, :100] = 0.0
+  t[2] = 0.0
+  labels = np.array([500, 7, 0], np.int32)
+  x64 = x[:2].astype(np.float64)
+  lse = np.log(np.exp(x64 - x64.max(-1, keepdims=True)).sum(-1)) + x64.max(-1)
+  with np.errstate(invalid="ignore"):
+    soft = (t[:2] * np.where(t[:2] == 0, 0.0, lse[:, None] - x64)).sum(-1)
+  got = jax.jit(jaxactv.softmax_cross_entropy)(x, t)
+  np.testing.assert_allclose(got[:2], soft, rtol=2e-6)
+  assert got[2] == 0.0
+  got = jax.jit(jaxactv.softmax_cross_entropy_with_integer_labels)(x, labels)
+  np.testing.assert_allclose(got[:2], lse - x64[[0, 1], labels[:2]], rtol=2e-6)
+  assert got[2] == np.inf
+  y = jax.jit(jaxactv.log_softmax)(x)
+  np.testing.assert_allclose(y[:2], x64 - lse[:, None], rtol=2e-6, atol=2e-6)
+  assert np.all(np.asarray(y[2]) == -np.inf)
+  dx = jax.jit(jax.grad(lambda x: jaxactv.softmax_cross_entropy(x, t).sum()))(x)
+  p = np.exp(x64 - lse[:, None])
+  np.testing.assert_allclose(dx[:2], t[:2].sum(-1, keepdims=True) * p - t[:2], rtol=1e-5,
+                             atol=1e-10)
+  np.testing.assert_array_equal(dx[2], 0.0)
 
 
 # --------------------------------------------- fused linear ops: the two matmul forms
