@@ -86,7 +86,10 @@ def max_at_least(floor: float):
   ``floor`` is the reduction's initial value, not a ``maximum`` with each element or
   with the result: XLA:CPU runs it as a plain max (an elementwise op inside slows it
   about 3x), and nothing per row sits between it and an op that broadcasts it back
-  over the row. Not differentiable: for a shift taken under ``stop_gradient``.
+  over the row. For a shift taken under ``stop_gradient``: its derivative is not one
+  that any rule here uses. XLA may drop a non-identity start on a reduction over one
+  element (``jnp.max`` of that element, ``-inf`` on an empty row), so callers reduce
+  more than one: the soft-label loss's rows of more than 1024, pieces of at least 2.
   """
 
   def reduce(a, axes):

@@ -405,14 +405,17 @@ def test_reduce_rows_in_pieces(row_pieces, axes, keepdims):
     np.testing.assert_allclose(got, expect, rtol=1e-6)
 
 
-def test_long_rows_reduced_in_pieces_unpatched():
-  # 65536 float32 logits a row: on CPU every row reduction goes in pieces of 16384. The
-  # losses and log_softmax against float64 NumPy, with -inf logits and an empty row.
+@pytest.mark.parametrize("n", [65536, 4096], ids=["in pieces", "whole rows"])
+def test_long_rows_unpatched(n):
+  # The forms CPU picks for itself: at 65536 float32 logits a row every row reduction
+  # goes in pieces of 16384; at 4096 rows are reduced whole and the soft-label loss
+  # takes its separate sweeps. The losses and log_softmax against float64 NumPy, with
+  # -inf logits and an empty row.
   on_cpu = jax.default_backend() == "cpu"
   assert _arith.long_row_piece(65536) == (16384 if on_cpu else None)
   assert _arith.long_row_piece(32768) is None
+  assert _cross_entropy.soft_loss_in_separate_sweeps(jnp.float32, n) == on_cpu
   rng = np.random.default_rng(41)
-  n = 65536
   x = (3 * rng.standard_normal((3, n))).astype(np.float32)
   x[0, :100] = -np.inf
   x[2] = -np.inf
