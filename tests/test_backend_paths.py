@@ -13,7 +13,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
+from jax.experimental import checkify
+from jax.sharding import PartitionSpec as P
 
 import jaxactv
 from jaxactv import _arith, _cross_entropy, _linear_blocks, _sigmoid, _softmax, reference
@@ -441,6 +444,38 @@ def test_long_rows_unpatched(n):
   np.testing.assert_allclose(dx[:2], t[:2].sum(-1, keepdims=True) * p - t[:2], rtol=1e-5,
                              atol=1e-10)
   np.testing.assert_array_equal(dx[2], 0.0)
+
+
+@pytest.mark.parametrize("n", [65536, 4096], ids=["in pieces", "whole rows"])
+def test_long_rows_where_users_run_them(n):
+  # The CPU forms of long rows on a jax.make_mesh mesh (Explicit axes), classes split
+  # and not, under checkify, strict promotion and jax.export: against optax and jax.nn.
+  rng = np.random.default_rng(43)
+  x = (3 * rng.standard_normal((8, n))).astype(np.float32)
+  t = rng.dirichlet(np.ones(n), 8).astype(np.float32)
+  labels = rng.integers(0, n, 8).astype(np.int32)
+  want = (optax.softmax_cross_entropy(x, t),
+          optax.softmax_cross_entropy_with_integer_labels(x, labels), jax.nn.log_softmax(x))
+
+  def ops(x, t, labels):
+    return (jaxactv.softmax_cross_entropy(x, t),
+            jaxactv.softmax_cross_entropy_with_integer_labels(x, labels), jaxactv.log_softmax(x))
+
+  def check(got):
+    for g, w in zip(got, want, strict=True):
+      np.testing.assert_allclose(np.asarray(g), w, rtol=3e-6, atol=3e-6)
+
+  mesh = jax.make_mesh((2, 4), ("data", "model"))
+  for spec in [P("data", None), P("data", "model")]:
+    with jax.set_mesh(mesh):
+      args = (jax.device_put(x, spec), jax.device_put(t, spec),
+              jax.device_put(labels, P("data")))
+      check(jax.jit(ops)(*args))
+  err, got = jax.jit(checkify.checkify(ops, errors=checkify.all_checks))(x, t, labels)
+  err.throw()
+  check(got)
+  with jax.numpy_dtype_promotion("strict"):
+    check(jax.export.export(jax.jit(ops))(x, t, labels).call(x, t, labels))
 
 
 # --------------------------------------------- fused linear ops: the two matmul forms
