@@ -15,6 +15,7 @@ gradients of x, w and bias.
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -63,11 +64,12 @@ def _scalar(outs, ct, ct2):
   return jnp.sum(ct * ce) + jnp.sum(ct2 * lp) + jnp.sum(ct * ent)
 
 
+@functools.cache  # the twin, once for every mesh below
 def _expected():
   x, w, b, y, mask, weights = _problem()
   f = lambda x, w, b: _both(reference, x, w, b, y, mask, weights)
-  grads = jax.grad(lambda *a: _scalar(f(*a), CT, CT2), (0, 1, 2))(x, w, b)
-  return f(x, w, b), grads
+  grads = jax.jit(jax.grad(lambda *a: _scalar(f(*a), CT, CT2), (0, 1, 2)))(x, w, b)
+  return jax.jit(f)(x, w, b), grads
 
 
 def _assert_equal(outs, grads):
@@ -138,16 +140,17 @@ def test_shard_map_sum_reduction_and_aux_on_a_data_vocab_mesh():
       out_specs=(P(), P("data"), P("data")),
   ))
   loss, amax, lse = f(x, w, b, cw, y, mask, weights)
-  want, aux = reference.linear_softmax_cross_entropy(
+  want, aux = jax.jit(lambda x, w, b: reference.linear_softmax_cross_entropy(
       x, w, y, bias=b, reduction="sum", return_aux=True, **opts
-  )
+  ))(x, w, b)
   np.testing.assert_allclose(loss, want, rtol=1e-5)
   np.testing.assert_array_equal(amax, aux.argmax)
   np.testing.assert_allclose(lse, aux.lse, rtol=1e-6)
-  grads = jax.grad(lambda x, w, b: f(x, w, b, cw, y, mask, weights)[0], (0, 1, 2))(x, w, b)
-  want_grads = jax.grad(
+  grads = jax.jit(jax.grad(
+      lambda x, w, b: f(x, w, b, cw, y, mask, weights)[0], (0, 1, 2)))(x, w, b)
+  want_grads = jax.jit(jax.grad(
       lambda x, w, b: reference.linear_softmax_cross_entropy(
-          x, w, y, bias=b, reduction="sum", **opts), (0, 1, 2))(x, w, b)
+          x, w, y, bias=b, reduction="sum", **opts), (0, 1, 2)))(x, w, b)
   for name, g, r in zip("xwb", grads, want_grads, strict=True):
     np.testing.assert_allclose(
         g, r, rtol=0, atol=1e-5 * np.abs(np.asarray(r)).max(), err_msg=f"d{name}"
@@ -222,11 +225,12 @@ def _default_chunks_ce(x, w, b, y, mask, weights, **shard):
   )
 
 
+@functools.cache
 def _expected_mean():
   x, w, b, y, mask, weights = _problem()
   f = lambda x, w, b: reference.linear_softmax_cross_entropy(
       x, w, y, bias=b, where=mask, weights=weights, label_smoothing=0.1, z_loss=1e-3)
-  return jax.value_and_grad(f, (0, 1, 2))(x, w, b)
+  return jax.jit(jax.value_and_grad(f, (0, 1, 2)))(x, w, b)
 
 
 def _assert_mean_equal(loss, grads):

@@ -113,11 +113,11 @@ def test_masked_tokens_count_for_nothing_and_leak_no_nan():
   f = lambda m, x: m.linear_softmax_cross_entropy(
       x, w, y, bias=b, where=mask, weights=weights, chunk_size=(8, 128)
   )
-  dx, dw, db = jax.grad(lambda x, w, b: jaxactv.linear_softmax_cross_entropy(
-      x, w, y, bias=b, where=mask, weights=weights, chunk_size=(8, 128)), (0, 1, 2))(x, w, b)
+  dx, dw, db = jax.jit(jax.grad(lambda x, w, b: jaxactv.linear_softmax_cross_entropy(
+      x, w, y, bias=b, where=mask, weights=weights, chunk_size=(8, 128)), (0, 1, 2)))(x, w, b)
   clean = np.where(np.isnan(x), 0.0, x).astype(np.float32)
-  _, rdw, rdb = jax.grad(lambda x, w, b: reference.linear_softmax_cross_entropy(
-      x, w, y, bias=b, where=mask, weights=weights), (0, 1, 2))(clean, w, b)
+  _, rdw, rdb = jax.jit(jax.grad(lambda x, w, b: reference.linear_softmax_cross_entropy(
+      x, w, y, bias=b, where=mask, weights=weights), (0, 1, 2)))(clean, w, b)
   assert np.all(np.asarray(dx)[~mask] == 0)
   np.testing.assert_allclose(dw, rdw, rtol=1e-5, atol=1e-7)
   np.testing.assert_allclose(db, rdb, rtol=1e-5, atol=1e-7)

@@ -65,9 +65,10 @@ def test_vocab_parallel_equals_unsharded(options, check_vma):
   )
   plain = {k: v for k, v in options.items() if k != "chunk_size"}
   unsharded = lambda x, w, b, y: reference.linear_softmax_cross_entropy(x, w, y, bias=b, **plain)
-  np.testing.assert_allclose(sharded(x, w, b, y), unsharded(x, w, b, y), rtol=1e-5, atol=1e-6)
-  grads = jax.grad(lambda *a: sharded(*a, y).sum(), (0, 1, 2))(x, w, b)
-  want = jax.grad(lambda *a: unsharded(*a, y).sum(), (0, 1, 2))(x, w, b)
+  np.testing.assert_allclose(sharded(x, w, b, y), jax.jit(unsharded)(x, w, b, y), rtol=1e-5,
+                             atol=1e-6)
+  grads = jax.jit(jax.grad(lambda *a: sharded(*a, y).sum(), (0, 1, 2)))(x, w, b)
+  want = jax.jit(jax.grad(lambda *a: unsharded(*a, y).sum(), (0, 1, 2)))(x, w, b)
   for name, g, r in zip("xwb", grads, want, strict=True):
     # A cotangent handed over the wrong way is off by the axis size (4), not by 1e-4.
     np.testing.assert_allclose(
@@ -103,7 +104,8 @@ def test_plain_jit_with_named_shardings():
       )
   )
   value, (dx, dw) = f(xs, ws, ys)
-  want, (rx, rw) = jax.value_and_grad(reference.linear_softmax_cross_entropy, (0, 1))(x, w, y)
+  want, (rx, rw) = jax.jit(jax.value_and_grad(reference.linear_softmax_cross_entropy, (0, 1)))(
+      x, w, y)
   np.testing.assert_allclose(value, want, rtol=1e-5)
   np.testing.assert_allclose(dx, rx, rtol=0, atol=1e-4 * np.abs(np.asarray(rx)).max())
   np.testing.assert_allclose(dw, rw, rtol=0, atol=1e-4 * np.abs(np.asarray(rw)).max())
