@@ -203,11 +203,11 @@ def test_broadcast_labels_match_optax_values_and_gradients(shape):
   ]
   ct = jnp.asarray(RNG.normal(size=(3, 5)).astype(np.float32))
   for ours, theirs in pairs:
-    want = theirs(x, y)
+    want = jax.jit(theirs)(x, y)
     np.testing.assert_allclose(ours(x, y), want, rtol=1e-5, atol=1e-6)
     c = ct[:, 0] if want.shape == (3,) else ct
     got = jax.jit(jax.grad(_dot_with(ours, c), (0, 1)))(x, y)
-    ref = jax.grad(_dot_with(theirs, c), (0, 1))(x, y)
+    ref = jax.jit(jax.grad(_dot_with(theirs, c), (0, 1)))(x, y)
     assert got[1].shape == shape
     for g, r in zip(got, ref, strict=True):
       np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)
