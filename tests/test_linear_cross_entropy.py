@@ -70,13 +70,17 @@ CHUNKS = [None, 8, (8, 1024), (16, 700)]
 
 
 # Each compile of the chunked op costs about a second on CPU, so not every option meets
-# every chunking: each option alone meets the chunking with both a partial row chunk and
-# a narrower last class slice, (16, 700); every chunking meets no option, a summed
-# reduction, and the option set that reaches across slices in every way at once (the
-# softcap's chain rule, smoothing's sum over all classes, z-loss's log-sum-exp and
-# per-token values).
+# every chunking. Each option set alone meets (16, 700), whose last row chunk is partial
+# and whose last class slice is narrower than the rest. Every other chunking meets no
+# option, and the options that reach across slices in every way at once (the softcap's
+# chain rule, smoothing's sum over all classes, z-loss's log-sum-exp) both summed
+# (the kept-logits sweep under chunk_size=None) and per token. The kept sweep meets each
+# of these, in other company, in test_kept_logits_swept_in_slices_match_the_reference.
+ACROSS_SLICES = {"logit_softcap": 3.0, "label_smoothing": 0.2, "z_loss": 1e-4}
 UNEVEN_CASES = [(CHUNKS[-1], options) for options in OPTIONS] + [
-    (chunk_size, OPTIONS[i]) for chunk_size in CHUNKS[:-1] for i in (0, 2, len(OPTIONS) - 1)
+    (chunk_size, options) for chunk_size in CHUNKS[:-1]
+    for options in ({}, {**ACROSS_SLICES, "reduction": "sum"},
+                    {**ACROSS_SLICES, "reduction": "none"})
 ]
 
 
