@@ -46,7 +46,7 @@ def _assert_close_to_reference(options, chunk_size, x, w, b, y, rtol=1e-5, grad_
   fused = lambda x, w, b: jaxactv.linear_softmax_cross_entropy(
       x, w, y, bias=b, chunk_size=chunk_size, **options
   )
-  want_loss, ref_grads = want or _reference_values(options, x, w, b, y)
+  want_loss, ref_grads = _reference_values(options, x, w, b, y) if want is None else want
   np.testing.assert_allclose(jax.jit(fused)(x, w, b), want_loss, rtol=rtol, atol=1e-6)
   _, grads = _value_and_grads(fused, x, w, b)
   for name, g, r in zip("xwb", grads, ref_grads, strict=True):
@@ -84,6 +84,12 @@ UNEVEN_CASES = [(CHUNKS[-1], options) for options in OPTIONS] + [
 ]
 
 
+@functools.cache
+def _uneven_reference(option_items):
+  # The twin does not depend on chunk_size: formed once per option set, not per chunking.
+  return _reference_values(dict(option_items), *_problem())
+
+
 @pytest.mark.parametrize(
     "chunk_size, options", UNEVEN_CASES,
     ids=[f"{c}-{','.join(o) or 'plain'}" for c, o in UNEVEN_CASES])
@@ -92,12 +98,6 @@ def test_matches_unfused_on_uneven_shapes(chunk_size, options):
   x, w, b, y = _problem()
   want = _uneven_reference(tuple(sorted(options.items())))
   _assert_close_to_reference(options, chunk_size, x, w, b, y, want=want)
-
-
-@functools.cache
-def _uneven_reference(option_items):
-  # The twin does not depend on chunk_size: formed once per option set, not per chunking.
-  return _reference_values(dict(option_items), *_problem())
 
 
 def test_ignore_index_rows_count_for_nothing():
