@@ -7,10 +7,27 @@ code paths (vocab-parallel losses) can be tested on a machine without accelerato
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
-import hypothesis
+# One XLA compilation cache per test run, shared by the pytest-xdist workers (and the
+# example subprocesses), which inherit these variables from the run that starts them.
+# Compiling is most of the suite's time, and many tests compile a program another test
+# has already compiled: the same op at the same shapes, traced again after
+# ``jax.clear_caches()`` or under a fresh ``jax.jit``. The cache only skips a compile
+# of an identical program (the key covers the HLO, the flags, jaxlib and the devices).
+# It starts empty on every run, so a run still compiles everything once, as CI does
+# on a clean clone. A cache directory set by the caller is used and left in place.
+_OWN_XLA_CACHE = None
+if "PYTEST_XDIST_WORKER" not in os.environ and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _OWN_XLA_CACHE = tempfile.mkdtemp(prefix="jaxactv-tests-xla-cache-")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_XLA_CACHE
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+import hypothesis  # noqa: E402
 
 hypothesis.settings.register_profile(
     "ci", max_examples=40, deadline=None, derandomize=True, print_blob=True
@@ -36,3 +53,9 @@ def log_softmax_keeps_x(request, monkeypatch):
   jax.clear_caches()
   yield request.param
   jax.clear_caches()
+
+
+def pytest_unconfigure(config):
+  """Remove this run's compilation cache (only the run that made it does)."""
+  if _OWN_XLA_CACHE is not None:
+    shutil.rmtree(_OWN_XLA_CACHE, ignore_errors=True)
