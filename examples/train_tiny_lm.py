@@ -143,6 +143,10 @@ def train(name, loss_fn, cfg, args, data, heldout, order, clock, mesh=None):
     put = lambda tree, spec: jax.device_put(tree, NamedSharding(mesh, spec))
     params = {k: put(v, P(None, "vocab") if k == "w_out" else P()) for k, v in params.items()}
   opt_state = jax.jit(optimizer.init)(params)
+  if mesh is not None:  # the state where the step returns it, or step 2 compiles again:
+    # each moment like its param, the step counts replicated
+    opt_state = optax.tree_map_params(optimizer, lambda s, p: jax.device_put(s, p.sharding),
+                                      opt_state, params, transform_non_params=lambda s: put(s, P()))
   first = put([a[order[0]] for a in data], P("data"))
   compiled = train_step.lower(params, opt_state, *first).compile()  # jit reuses it below
   run = {"train_step_temp_bytes": compiled.memory_analysis().temp_size_in_bytes}

@@ -40,12 +40,16 @@ def test_tiny_run_fused_unfused_and_sharded_agree(tmp_path):
   out = tmp_path / "tiny_lm"
   # Memory: compiled only, at a shape where the [tokens, V] logits (16384 x 16384 float32,
   # 1 GiB) dwarf everything else in the step.
-  result = subprocess.run(
-      **example_command(*TINY, "--compare-unfused", "--devices", "8", "--memory-tokens", "16384",
-                        "--memory-vocabs", "16384", "--out", str(out)),
-      timeout=600, check=False)
+  command = example_command(*TINY, "--compare-unfused", "--devices", "8", "--memory-tokens",
+                            "16384", "--memory-vocabs", "16384", "--out", str(out))
+  command["env"]["JAX_LOG_COMPILES"] = "1"  # each compile logged on stderr
+  result = subprocess.run(**command, timeout=600, check=False)
   assert result.returncode == 0, result.stderr
   assert "Traceback" not in result.stderr
+  # One train step compile per run (fused, unfused, sharded) and per loss of the compiled-only
+  # memory row: a step that compiles again when its outputs come back (optimizer state on
+  # other devices than the step returns it on) would add one.
+  assert result.stderr.count("Compiling jit(train_step)") == 3 + 2, result.stderr[-3000:]
 
   metrics = json.loads((out / "metrics.json").read_text())
   assert metrics["config"]["vocab_size"] == 512
