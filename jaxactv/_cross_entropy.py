@@ -56,6 +56,7 @@ from jaxactv._sharding import (
 from jaxactv._softmax import mask_logits
 from jaxactv._validation import (
     Axis,
+    as_class_ids,
     as_logits,
     broadcasts_to,
     check_reduction,
@@ -391,8 +392,9 @@ def softmax_cross_entropy_with_integer_labels(
   Args:
     logits: ``[..., num_classes]`` floating logits (bfloat16/float16 are computed
       in float32 without a float32 copy where XLA can fuse the cast).
-    labels: integer class ids, shaped like ``logits`` without the class axis (or
-      axes); with a tuple ``axis`` a label is a flat index into those axes.
+    labels: integer class ids (any integer dtype: narrower ones are read as int32),
+      shaped like ``logits`` without the class axis (or axes); with a tuple ``axis``
+      a label is a flat index into those axes.
     axis: the class axis, or a tuple of axes.
     where: optional boolean mask, either per logit (``logits``' rank: classes left
       out of the softmax) or per example (the batch's rank: examples left out).
@@ -431,12 +433,11 @@ def softmax_cross_entropy_with_integer_labels(
   check_smoothing_and_z(label_smoothing, z_loss)
   logits = as_logits(logits)
   labels_in = labels
-  labels = jnp.asarray(labels)
-  if not jnp.issubdtype(labels.dtype, jnp.integer):
-    raise TypeError(
-        "labels must be integer class ids for softmax_cross_entropy_with_integer_labels; "
-        f"got dtype {labels.dtype}. For one-hot or soft labels use softmax_cross_entropy."
-    )
+  labels = as_class_ids(
+      labels,
+      "labels must be integer class ids for softmax_cross_entropy_with_integer_labels; "
+      "got dtype {dtype}. For one-hot or soft labels use softmax_cross_entropy.",
+  )
   if ignore_index is not None and not isinstance(ignore_index, (int, np.integer)):
     raise TypeError(f"ignore_index must be an int or None; got {ignore_index!r}.")
   layout = to_class_layout(logits, axis, where)

@@ -65,7 +65,7 @@ from jaxactv._linear_blocks import (
     default_chunks as default_chunks,
 )
 from jaxactv._reduction import reduce_losses
-from jaxactv._validation import as_bool, check_reduction
+from jaxactv._validation import as_bool, as_class_ids, check_reduction
 from jaxactv._vocab_parallel import VocabShards, cotangent_like, vary_like
 
 
@@ -442,7 +442,8 @@ def linear_softmax_cross_entropy(
     x: ``[..., D]`` hidden states (any float dtype; bfloat16 is the usual case).
     w: ``[D, V]`` classifier weights (inside ``shard_map`` with ``vocab_axis``: this
       device's contiguous ``[D, V / shards]`` slice).
-    labels: integer class ids of shape ``x.shape[:-1]`` (global ids).
+    labels: integer class ids of shape ``x.shape[:-1]`` (global ids; any integer
+      dtype, narrower ones read as int32).
     bias: optional ``[V]`` bias (the local slice with ``vocab_axis``).
     where: optional boolean mask of ``labels``' shape: False tokens count for
       nothing (optax's ``where``, MaxText's segmentation mask).
@@ -561,9 +562,8 @@ def _check_linear_inputs(x, w, labels, bias, name):
         f"x of shape {x.shape} and w of shape {w.shape} do not fit: x must be [..., D] "
         "and w [D, V] with the same D."
     )
-  labels_in, labels = labels, jnp.asarray(labels)
-  if not jnp.issubdtype(labels.dtype, jnp.integer):
-    raise TypeError(f"{name} must be integer class ids; got dtype {labels.dtype}.")
+  labels_in, labels = labels, as_class_ids(labels, f"{name} must be integer class ids; "
+                                           "got dtype {dtype}.")
   if labels.shape != x.shape[:-1]:
     raise ValueError(
         f"{name} of shape {labels.shape} do not match x of shape {x.shape}: they must "

@@ -40,6 +40,23 @@ def as_logits(x: ArrayLike, name: str = "logits") -> jax.Array:
   return x
 
 
+def as_class_ids(labels: ArrayLike, message: str) -> jax.Array:
+  """``labels`` as an integer array, widened to int32 from a narrower integer dtype.
+
+  The ops compare each label with the class count and with class indices made in
+  the labels' own dtype: in uint8 or int8 a count of 300 would wrap to 44, and a
+  label of 200 would read as out of range (a NaN loss). int32 holds every value of
+  the narrower dtypes, and any class count, exactly. ``message`` (with ``{dtype}``)
+  is the error for labels that are not integers.
+  """
+  labels = jnp.asarray(labels)
+  if not jnp.issubdtype(labels.dtype, jnp.integer):
+    raise TypeError(message.format(dtype=labels.dtype))
+  if labels.dtype.itemsize < 4:
+    labels = labels.astype(jnp.int32)
+  return labels
+
+
 def canonical_axes(
     axis: Axis, ndim: int, name: str = "axis", allow_empty: bool = False
 ) -> tuple[int, ...]:

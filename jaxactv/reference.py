@@ -171,6 +171,12 @@ def _loss_float(x):
   return x.astype(_dtypes.compute_dtype(x.dtype))
 
 
+def _class_ids(labels):
+  """Integer labels, at least int32: in a narrower dtype the class count could wrap."""
+  labels = jnp.asarray(labels)
+  return labels.astype(jnp.int32) if labels.dtype.itemsize < 4 else labels
+
+
 def softmax_cross_entropy_with_integer_labels(
     logits, labels, axis=-1, where=None, *, ignore_index=None, label_smoothing=0.0,
     class_weights=None, z_loss=0.0, reduction="none", vocab_axis=None, check_labels=False,
@@ -181,7 +187,7 @@ def softmax_cross_entropy_with_integer_labels(
   """
   del check_labels
   logits = _loss_float(logits)
-  labels = jnp.asarray(labels)
+  labels = _class_ids(labels)
   if vocab_axis is not None:  # gather the vocabulary: obviously right, never fast
     logits = lax.all_gather(logits, vocab_axis, axis=logits.ndim - 1, tiled=True)
     if class_weights is not None:
@@ -300,7 +306,7 @@ def linear_softmax_cross_entropy(
   """
   del chunk_size
   logits = _linear_logits(x, w, bias, temperature, logit_softcap, vocab_axis)
-  labels = jnp.asarray(labels)
+  labels = _class_ids(labels)
   k = logits.shape[-1]
   if class_weights is None:
     cw = jnp.ones((k,), logits.dtype)
@@ -341,7 +347,7 @@ def linear_log_probs(
   """``log_softmax(cap((x @ w + bias) / T))[token]`` (and the entropy), unfused."""
   del chunk_size
   logits = _linear_logits(x, w, bias, temperature, logit_softcap, vocab_axis)
-  tokens = jnp.asarray(tokens)
+  tokens = _class_ids(tokens)
   k = logits.shape[-1]
   logp = log_softmax(logits)
   safe = jnp.clip(tokens, 0, k - 1)

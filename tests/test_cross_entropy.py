@@ -359,6 +359,43 @@ def test_soft_labels_match_torch_probability_targets(eps, layout):
   np.testing.assert_allclose(dy, dy_ref, rtol=2e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.int16])
+def test_labels_of_a_narrow_integer_dtype_reach_every_class(dtype):
+  # 300 classes: a count that uint8 and int8 cannot hold (it wraps to 44 there). Each
+  # label the dtype can hold must pick its own class, as the same ids in int32 do; the
+  # last example carries the ignore_index (-1, or for unsigned ids the largest one).
+  rng = np.random.default_rng(7)
+  n, d, v = 6, 8, 300
+  top = min(int(np.iinfo(dtype).max), v - 1)
+  ignore = -1 if np.iinfo(dtype).min < 0 else top
+  labels = np.array([0, 1, top // 2, top - 1, top if ignore != top else top - 2, ignore], dtype)
+  x = rng.standard_normal((n, d)).astype(np.float32)
+  w = rng.standard_normal((d, v)).astype(np.float32)
+  logits = f64(x) @ f64(w)
+  lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+  ids = labels.astype(np.int64)
+  nll = lse - logits[np.arange(n), np.where(ids == ignore, 0, ids)]
+  expected = np.where(ids == ignore, 0.0, nll)
+  probs = np.exp(logits - lse[:, None])
+  dlogits = (probs - np.eye(v)[np.where(ids == ignore, 0, ids)]) * (ids != ignore)[:, None]
+
+  def int_ce(z):
+    return INT(z, labels, ignore_index=ignore)
+
+  got, pull = jax.vjp(jax.jit(int_ce), jnp.asarray(logits, jnp.float32))
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(pull(jnp.ones(n))[0], dlogits, rtol=1e-5, atol=1e-6)
+  fused = jax.jit(lambda x, w: jaxactv.linear_softmax_cross_entropy(
+      x, w, labels, ignore_index=ignore, reduction="none"))(x, w)
+  np.testing.assert_allclose(fused, expected, rtol=1e-5, atol=1e-5)
+  counted = ids != ignore
+  log_probs = jax.jit(lambda x, w: jaxactv.linear_log_probs(x, w, labels[counted]))(
+      x[counted], w)
+  np.testing.assert_allclose(log_probs, -nll[counted], rtol=1e-5, atol=1e-5)
+  twin = reference.softmax_cross_entropy_with_integer_labels(logits, labels, ignore_index=ignore)
+  np.testing.assert_allclose(twin, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_mean_over_no_counted_example_is_zero_where_torch_is_nan():
   x = np.random.default_rng(4).normal(size=(3, 5)).astype(np.float32)
   labels = np.full((3,), -100)
