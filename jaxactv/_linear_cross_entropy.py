@@ -253,7 +253,10 @@ def _scan(x2, w, bias, cw, labels, sc, cfg, with_grad, saved=None):
       stats, block = _chunk_stats(xc, w, bias, cw, yc, cfg, chunks, shards, ct)
       loss, lse, coef = _row_losses(stats, cfg, num_classes, weight_total)
       # 0 where the row does not count; NaN (from scc) where its label is out of range.
-      loss = jnp.where(scc == 0, 0.0, loss * scc)
+      # The product never meets a 0: an ignored row's loss may be inf (label smoothing
+      # puts mass on a class whose bias is -inf), and inf * 0 would be a NaN, selected
+      # away but reported by checkify.
+      loss = jnp.where(scc == 0, 0.0, loss * jnp.where(scc == 0, 1.0, scc))
       w_label, amax = stats.w_label, stats.argmax
     else:
       lse, coef = rows_in[2:4]

@@ -271,7 +271,18 @@ def test_fused_linear_loss_with_kept_logits_is_silent(monkeypatch):
   y[::5] = -100
   f = lambda x, w: jaxactv.linear_softmax_cross_entropy(
       x, w, y, bias=bias, ignore_index=-100, z_loss=1e-3)
+  # With label smoothing, mass goes to the -inf classes too: each counted token's loss
+  # is inf (as optax's is), an ignored token's 0, and nothing computes inf * 0 on the way.
+  smoothed = {
+      reduction: lambda x, w, reduction=reduction: jaxactv.linear_softmax_cross_entropy(
+          x, w, y, bias=bias, ignore_index=-100, label_smoothing=0.1, reduction=reduction)
+      for reduction in ("mean", "none")
+  }
   assert blocks.kept_chunks(300, 1000, 16).kept
-  loss, (dx, dw) = _silent({"linear": f}, x, w)["linear"]
+  out = _silent({"linear": f, **smoothed}, x, w)
+  loss, (dx, dw) = out["linear"]
   assert np.isfinite(loss) and np.isfinite(dx).all() and np.isfinite(dw).all()
   assert np.all(np.asarray(dw)[:, 100:250] == 0)  # masked classes get no gradient
+  assert np.asarray(out["mean"][0]) == np.inf
+  per_token = np.asarray(out["none"][0])
+  assert np.all(per_token[::5] == 0) and np.all(np.delete(per_token, np.s_[::5]) == np.inf)
