@@ -242,26 +242,28 @@ def _assert_mean_equal(loss, grads):
     )
 
 
-@pytest.mark.parametrize("check_vma", [True, False])
-def test_default_chunks_under_shard_map_on_a_data_vocab_mesh(narrow_sweep, check_vma):
-  mesh = jax.make_mesh((2, 4), ("data", "vocab"))
+@pytest.mark.parametrize(("mesh_name", "check_vma"), [
+    ("data,vocab", True), ("data,vocab", False), ("3d,tokens over (data,seq)", True)])
+def test_default_chunks_under_shard_map(narrow_sweep, mesh_name, check_vma):
+  shape, names, tokens, _ = MESHES[mesh_name]
+  mesh = jax.make_mesh(shape, names)
   x, w, b, y, mask, weights = _problem()
 
   def local(x, w, b, y, mask, weights):
-    # The global mean: each token shard's sum and total weight, summed over "data".
+    # The global mean: each token shard's sum and total weight, summed over the token axes.
     s = _default_chunks_ce(x, w, b, y, mask, weights, vocab_axis="vocab", reduction="sum")
-    return lax.psum(s, "data") / lax.psum(jnp.sum(jnp.where(mask, weights, 0.0)), "data")
+    return lax.psum(s, tokens) / lax.psum(jnp.sum(jnp.where(mask, weights, 0.0)), tokens)
 
   f = jax.shard_map(
       local, mesh=mesh,
-      in_specs=(P("data"), P(None, "vocab"), P("vocab"), P("data"), P("data"), P("data")),
+      in_specs=(P(tokens), P(None, "vocab"), P("vocab"), P(tokens), P(tokens), P(tokens)),
       out_specs=P(), check_vma=check_vma,
   )
   # jax.make_mesh's axes are Explicit: the inputs must already be laid out as in_specs.
   put = lambda a, *spec: jax.device_put(a, NamedSharding(mesh, P(*spec)))
-  y, mask, weights = (put(a, "data") for a in (y, mask, weights))
+  y, mask, weights = (put(a, tokens) for a in (y, mask, weights))
   run = jax.jit(jax.value_and_grad(lambda x, w, b: f(x, w, b, y, mask, weights), (0, 1, 2)))
-  _assert_mean_equal(*run(put(x, "data", None), put(w, None, "vocab"), put(b, "vocab")))
+  _assert_mean_equal(*run(put(x, tokens, None), put(w, None, "vocab"), put(b, "vocab")))
 
 
 def _plain_jit_default_chunks(axis_type):
