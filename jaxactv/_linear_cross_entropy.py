@@ -565,6 +565,13 @@ def _check_linear_inputs(x, w, labels, bias, name):
         f"x of shape {x.shape} and w of shape {w.shape} do not fit: x must be [..., D] "
         "and w [D, V] with the same D."
     )
+  if not all(isinstance(d, (int, np.integer)) for d in (*x.shape, *w.shape)):
+    raise NotImplementedError(
+        f"x of shape {x.shape} and w of shape {w.shape}: the fused linear ops size their "
+        "chunks from the numbers of tokens, hidden units and classes, which must be known "
+        "when tracing; symbolic dimensions (jax.export's shape polymorphism) are not "
+        "supported. Export at concrete shapes, or use the unfused loss on x @ w."
+    )
   labels_in, labels = labels, as_class_ids(labels, f"{name} must be integer class ids; "
                                            "got dtype {dtype}.")
   if labels.shape != x.shape[:-1]:

@@ -246,6 +246,15 @@ def test_bad_input(kwargs, error, pattern):
     jaxactv.linear_softmax_cross_entropy(x, w, labels, **args)
 
 
+@pytest.mark.parametrize("op", ["linear_softmax_cross_entropy", "linear_log_probs"])
+def test_symbolic_token_count_under_jax_export_is_a_clear_error(op):
+  (n,) = jax.export.symbolic_shape("n")
+  args = (jax.ShapeDtypeStruct((n, 16), jnp.float32), jax.ShapeDtypeStruct((16, 100), jnp.float32),
+          jax.ShapeDtypeStruct((n,), jnp.int32))
+  with pytest.raises(NotImplementedError, match=r"\(n, 16\).*symbolic dimensions"):
+    jax.export.export(jax.jit(getattr(jaxactv, op)))(*args)
+
+
 # ------------------------------------------------------------------ memory and work
 
 
