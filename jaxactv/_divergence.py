@@ -86,11 +86,22 @@ def _kl_fwd(logits, target_logits, class_mask, counts):
   )
   p = jnp.exp(x - jnp.where(lse_x == -jnp.inf, 0.0, lse_x))
   p_out = jnp.sum(jnp.where(support, 0.0, p), -1)
-  kl = (log_mean_exp - r) - jnp.log1p(-p_out)
+  # -log(1 - p_out) = lse_x - (lse of x over the support): log1p while p_out is below
+  # 1/2 (a small term keeps its digits), the logsumexps above it, where 1 - p_out
+  # rounds away (the prediction's mass mostly outside the support; inf from a p_out
+  # of 1 - 6e-8 up in float32, where the true term is 16.6).
+  # The difference is taken between selected operands (no -inf - -inf for checkify).
+  far = p_out >= 0.5
+  lse_in = _log_norm(jnp.where(support, x, -jnp.inf))[..., 0]
+  gap = jnp.where(far, lse_x[..., 0], 0.0) - jnp.where(far, lse_in, 0.0)
+  outside = jnp.where(far, gap, -jnp.log1p(-jnp.minimum(p_out, 0.5)))
+  kl = (log_mean_exp - r) + outside
   # A class the target allows but the prediction rules out makes the divergence infinite.
   impossible = jnp.any(support & (x == -jnp.inf), -1)
   kl = jnp.where(impossible, jnp.inf, kl)
-  kl = jnp.where(counts, kl, 0.0)
+  # A target with no mass (every logit -inf or masked) is no distribution: every class
+  # has target probability 0 and contributes nothing, so the divergence is 0.
+  kl = jnp.where(counts & (lse_t[..., 0] > -jnp.inf), kl, 0.0)
   return kl, (logits, target_logits, class_mask, counts, lse_x, lse_t, mu + r[..., None])
 
 
@@ -105,8 +116,10 @@ def _kl_bwd(res, g):
   dx = g * (p - q)
   # dKL/dt_j = q_j (log q_j - log p_j - KL) = -q_j (x_j - t_j - E_q[x - t])
   dt = jnp.where(q > 0, -g * q * (_log_ratio(x, t, q > 0) - mu), 0.0)
-  # Select, not multiply: a masked example full of NaN must get gradient 0.
-  dx, dt = (jnp.where(counts[..., None], a, 0.0) for a in (dx, dt))
+  # Select, not multiply: a masked example full of NaN must get gradient 0; so does
+  # a target with no mass, whose divergence is 0 whatever the logits.
+  keep = counts[..., None] & (lse_t > -jnp.inf)
+  dx, dt = (jnp.where(keep, a, 0.0) for a in (dx, dt))
   return dx.astype(logits.dtype), dt.astype(target_logits.dtype), None, None
 
 
@@ -140,7 +153,8 @@ def kl_divergence_from_logits(
 
   Edge cases: classes with target probability 0 (``-inf`` target logits or
   masked) contribute nothing; a class with target mass and a ``-inf`` logit makes
-  the divergence ``inf``. Masked examples give 0. A ``+inf`` logit gives NaN (as
+  the divergence ``inf``. Masked examples give 0, and so does a target with no mass
+  (every target logit ``-inf``), with zero gradients. A ``+inf`` logit gives NaN (as
   for the cross-entropies, a loss does not guess the limit).
 
   Args:

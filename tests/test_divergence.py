@@ -298,6 +298,41 @@ def test_kl_minus_inf_logits():
   np.testing.assert_allclose(v[:2], np_kl(x[:2], t[:2], (1,)), rtol=1e-6)
 
 
+@pytest.mark.parametrize("fill", [-np.inf, -1e9], ids=["-inf", "-1e9"])
+def test_kl_to_a_top_k_teacher_with_the_student_mass_outside_it(fill):
+  # Distillation from a teacher's top 5 of 100 classes (the rest filled): where the
+  # student puts most of its mass outside those 5, 1 - p_out rounds away in float32.
+  rng = np.random.default_rng(11)
+  x = (6.0 * rng.standard_normal((6, 100))).astype(np.float32)
+  x[:, 50:] += np.array([0.0, 5.0, 10.0, 16.0, 25.0, 90.0], np.float32)[:, None]
+  t = np.full((6, 100), fill, np.float32)
+  t[:, :5] = rng.standard_normal((6, 5))
+  (v, (dx, dt)) = jax.jit(lambda x, t: jax.value_and_grad(
+      lambda x, t: KL(x, t, reduction="sum"), (0, 1))(x, t))(x, t)
+  want = np_kl(x, np.where(np.arange(100) < 5, t, -np.inf), (1,))
+  assert want.max() > 90  # the last row's term is ~90: p_out = 1 - 1e-40 there
+  np.testing.assert_allclose(v, want.sum(), rtol=1e-6)
+  np.testing.assert_allclose(jax.jit(KL)(x, t), want, rtol=1e-6)
+  gx, gt = np_kl_grads(x, np.where(np.arange(100) < 5, t, -np.inf), (1,))
+  np.testing.assert_allclose(dx, gx, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(dt, gt, rtol=1e-5, atol=1e-7)
+
+
+def test_kl_to_a_target_with_no_mass_is_zero_with_zero_gradients():
+  # Every target logit -inf (a padded position of the teacher): no class has target
+  # probability, so none contributes, as the twin computes.
+  x = np.array([[0.0, 1.0, 2.0], [3.0, -1.0, 0.5]], np.float32)
+  t = np.array([[-np.inf] * 3, [0.0, 1.0, -np.inf]], np.float32)
+  v, (dx, dt) = jax.jit(lambda x, t: jax.value_and_grad(
+      lambda x, t: KL(x, t, reduction="sum"), (0, 1))(x, t))(x, t)
+  per_row = jax.jit(KL)(x, t)
+  assert float(per_row[0]) == 0.0
+  assert np.all(np.asarray(dx)[0] == 0) and np.all(np.asarray(dt)[0] == 0)
+  np.testing.assert_allclose(per_row[1], np_kl(x[1:], t[1:], (1,))[0], rtol=1e-6)
+  np.testing.assert_allclose(reference.kl_divergence_from_logits(x, t)[0], 0.0)
+  np.testing.assert_allclose(v, float(per_row[1]), rtol=1e-6)
+
+
 def test_kl_float64_under_enable_x64():
   rng = np.random.default_rng(3)
   x, t = rng.normal(scale=3.0, size=(2, 5, 33))
