@@ -333,7 +333,9 @@ class Tokens(NamedTuple):
     rows = -(-rows // shards) * shards  # each token shard gets the same rows per chunk
     chunks = max(1, -(-num // rows))
     rows = min(rows, -(-num // (chunks * shards)) * shards)  # as few padded tokens as can be
-    return Tokens(num, rows, -(-num // rows))
+    # No tokens: one chunk of padding (whose rows count for nothing), not a division by 0.
+    rows = max(rows, shards)
+    return Tokens(num, rows, max(1, -(-num // rows)))
 
   def columns(self, a: jax.Array) -> jax.Array:
     """``a`` (``[N, ...]``) padded and viewed as ``[rows, chunks, ...]``."""

@@ -246,6 +246,25 @@ def test_bad_input(kwargs, error, pattern):
     jaxactv.linear_softmax_cross_entropy(x, w, labels, **args)
 
 
+@pytest.mark.parametrize("chunk_size", [None, 3, (2, 4)], ids=str)
+def test_an_empty_batch_of_tokens_gives_what_the_unfused_loss_gives(chunk_size):
+  # No tokens: the mean and sum are 0 (as the logits-level losses give), the per-token
+  # losses and log-probs empty, and the gradients zero (dx empty).
+  x, w = np.zeros((2, 0, 4), np.float32), np.ones((4, 10), np.float32)
+  y = np.zeros((2, 0), np.int32)
+  for reduction in ("mean", "sum", "none"):
+    f = lambda x, w, reduction=reduction: jaxactv.linear_softmax_cross_entropy(
+        x, w, y, reduction=reduction, chunk_size=chunk_size)
+    v, pull = jax.vjp(jax.jit(f), x, w)
+    dx, dw = pull(jnp.ones_like(v))
+    want = jaxactv.softmax_cross_entropy_with_integer_labels(
+        np.zeros((2, 0, 10), np.float32), y, reduction=reduction)
+    assert v.shape == want.shape and np.all(np.asarray(v) == 0), (reduction, v)
+    assert dx.shape == x.shape and np.all(np.asarray(dw) == 0)
+  log_p, ent = jaxactv.linear_log_probs(x, w, y, return_entropy=True, chunk_size=chunk_size)
+  assert log_p.shape == ent.shape == (2, 0)
+
+
 @pytest.mark.parametrize("op", ["linear_softmax_cross_entropy", "linear_log_probs"])
 def test_symbolic_token_count_under_jax_export_is_a_clear_error(op):
   (n,) = jax.export.symbolic_shape("n")
