@@ -55,8 +55,9 @@ LOSS_OPS = (
     "softmax_cross_entropy",
     "sigmoid_binary_cross_entropy",
 )
+DIVERGENCE_OPS = ("kl_divergence_from_logits", "entropy_from_logits")
 LINEAR_OP = "linear_softmax_cross_entropy"
-ALL_OPS = (*ACTIVATION_OPS, *LOSS_OPS, LINEAR_OP)
+ALL_OPS = (*ACTIVATION_OPS, *LOSS_OPS, *DIVERGENCE_OPS, LINEAR_OP)
 MODES = ("fwd", "fwd+bwd")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 OURS = "jaxactv"
@@ -152,6 +153,19 @@ def _ref_loss(op, mode, z, labels):
   return (_np_softmax(z) * labels.sum(-1, keepdims=True) - labels) / rows
 
 
+def _ref_divergence(op, mode, x, t=None):
+  """The mean KL(softmax(t) || softmax(x)) or entropy of softmax(x), or its d/dx."""
+  p = _np_softmax(x)
+  log_p = x - _np_lse(x)
+  if op == "entropy_from_logits":
+    h = -np.sum(p * log_p, -1, keepdims=True)
+    return np.mean(h) if mode == "fwd" else -p * (log_p + h) / x.shape[0]
+  q = _np_softmax(t)
+  if mode == "fwd":
+    return np.mean(np.sum(q * (t - _np_lse(t) - log_p), -1))
+  return (p - q) / x.shape[0]
+
+
 def _ref_linear(mode, x, w, labels):
   z = x @ w
   if mode == "fwd":
@@ -241,6 +255,24 @@ _LOSS_IMPLS = {
 }
 
 
+def _entropy_peer(x):
+  """The textbook entropy with jax.nn (optax has none from logits)."""
+  return -jnp.sum(jax.nn.softmax(x) * jax.nn.log_softmax(x), -1).mean()
+
+
+_DIVERGENCE_IMPLS = {
+    # The distillation direction KL(teacher || student); the gradient is the student's.
+    "kl_divergence_from_logits": (
+        lambda x, t: jaxactv.kl_divergence_from_logits(x, t, reduction="mean"),
+        "optax",
+        lambda x, t: optax.kl_divergence(jax.nn.log_softmax(x), jax.nn.softmax(t)).mean(),
+    ),
+    "entropy_from_logits": (
+        lambda x: jaxactv.entropy_from_logits(x, reduction="mean"), "jax.nn", _entropy_peer,
+    ),
+}
+
+
 def _linear_ours(x, w, labels):
   return jaxactv.linear_softmax_cross_entropy(x, w, labels)
 
@@ -311,6 +343,25 @@ def make_case(op, mode, shape, dtype_name, sweep, seed) -> Case:
     reference = lambda: _ref_loss(op, mode, _f64(z), _f64(labels) if labels.ndim == 2
                                   else np.asarray(labels))
     case = Case(op, mode, shape, dtype_name, "optax", impls, bytes_moved, reference, pick)
+
+  elif op in _DIVERGENCE_IMPLS:
+    ours, peer_name, peer = _DIVERGENCE_IMPLS[op]
+    x32 = 2.0 * rng.standard_normal(shape)
+    args = (arr(x32),)
+    if op == "kl_divergence_from_logits":  # a teacher close to the student, as in distillation
+      args += (arr(x32 + rng.standard_normal(shape)),)
+    fns = [(OURS, ours), (peer_name, peer)]
+    in_bytes = sum(a.size for a in args) * isz
+    if mode == "fwd":
+      bytes_moved = in_bytes + 4  # inputs read; the mean written
+      pick = lambda out: out
+    else:
+      fns = [(name, _value_and_grad(f)) for name, f in fns]
+      bytes_moved = in_bytes + args[0].size * isz + 4  # + d/dlogits written
+      pick = lambda out: out[1]
+    impls = [Impl(name, f, args) for name, f in fns]
+    reference = lambda: _ref_divergence(op, mode, *(_f64(a) for a in args))
+    case = Case(op, mode, shape, dtype_name, peer_name, impls, bytes_moved, reference, pick)
 
   elif op == LINEAR_OP:
     tokens, hidden, classes = shape

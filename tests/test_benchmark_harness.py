@@ -24,7 +24,8 @@ REQUIRED_COLUMNS = {
 }  # fmt: skip
 OPS = {
     "softmax", "log_softmax", "sigmoid", "softmax_cross_entropy_with_integer_labels",
-    "softmax_cross_entropy", "sigmoid_binary_cross_entropy", "linear_softmax_cross_entropy",
+    "softmax_cross_entropy", "sigmoid_binary_cross_entropy", "kl_divergence_from_logits",
+    "entropy_from_logits", "linear_softmax_cross_entropy",
 }  # fmt: skip
 PEERS = {"jax.nn", "optax", "x@w+optax"}
 
