@@ -19,10 +19,13 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.typing import ArrayLike
 
 from jaxactv import _dtypes
-from jaxactv._arith import times_allowing_inf
+from jaxactv._arith import as_one_buffer, max_at_least, reduce_rows, times_allowing_inf
+from jaxactv._backend import soft_loss_in_separate_sweeps
+from jaxactv._cross_entropy import safe_log_sum, shift_floor
 from jaxactv._layout import to_class_layout
 from jaxactv._reduction import reduce_losses
 from jaxactv._sharding import like_logits
@@ -193,15 +196,35 @@ def kl_divergence_from_logits(
 def _entropy_fwd(logits, class_mask, counts):
   ct = _dtypes.loss_dtype(logits.dtype)
   x = mask_logits(logits.astype(ct), class_mask)
-  n = normalize(x, (x.ndim - 1,))
-  lse = n.logsumexp
-  p = jnp.exp(x - jnp.where(lse == -jnp.inf, 0.0, lse))
-  # H = lse - sum(p x) = log_sum + sum p (max - x): non-negative terms, 0 * inf = 0.
-  # max - x >= 0 already; no clamp, whose derivative at the max (1/2) would spoil the
-  # residual h for reverse-over-reverse.
-  gap = n.offset - x
-  h = jnp.log(n.safe_sum_exp)[..., 0] + jnp.sum(times_allowing_inf(p, gap), -1)
-  h = jnp.where(counts, h, 0.0)
+  big = jnp.finfo(ct).max
+  floor = shift_floor(ct)
+  # H = log S + sum_j e_j d_j / S, e_j = exp(-d_j), d_j = max - x_j >= 0 capped at
+  # about big: non-negative terms (no cancellation), and a -inf or masked logit gives
+  # e_j = 0 times a finite d_j, never 0 * inf. A row with no finite logit has S = 0 and
+  # H = 0; a +inf logit makes its row NaN (inf - inf in the shift).
+  if soft_loss_in_separate_sweeps(logits.dtype, x.shape[-1]):
+    # As the soft-label loss on long float32 rows: sweeps that share no logits-sized
+    # value, so XLA:CPU writes nothing out between them (_backend).
+    axes = (x.ndim - 1,)
+    row_max = reduce_rows(max_at_least(float(-big)), lax.stop_gradient(x), axes, True)
+    sum_exp = reduce_rows(jnp.sum, jnp.exp(x - row_max), axes, True)
+    d = jnp.minimum(jnp.maximum(row_max, -big) - x, -floor)
+    log_sum = safe_log_sum(sum_exp)
+    h = log_sum + reduce_rows(jnp.sum, jnp.exp(-d) * d, axes, True) / jnp.maximum(sum_exp, 1.0)
+  else:
+    # One kernel, as jax.nn's softmax: the max, the shift, exp and both sums.
+    row_max = lax.stop_gradient(
+        jnp.max(jnp.maximum(x, -big), -1, keepdims=True, initial=-jnp.inf))
+    shifted = jnp.maximum(x - row_max, floor)
+    e = jnp.exp(shifted)
+    axes = (x.ndim - 1,)
+    sum_exp = reduce_rows(jnp.sum, e, axes, True)
+    log_sum = safe_log_sum(sum_exp)
+    h = reduce_rows(jnp.sum, e / jnp.maximum(sum_exp, 1.0) * (log_sum - shifted), axes, True)
+  lse = row_max + jnp.log(sum_exp)  # -inf on a row with no finite logit
+  # as_one_buffer: XLA:CPU would otherwise merge the row sum into a caller's mean and
+  # write logits-sized pieces out for it (as in the soft-label loss).
+  h = jnp.where(counts, as_one_buffer(h[..., 0]), 0.0)
   return h, (logits, class_mask, counts, lse[..., 0], h)
 
 
