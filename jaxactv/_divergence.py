@@ -17,19 +17,21 @@ closed-form gradients ``dKL/dx = p - q``, ``dKL/dt = -q (delta - mu)`` and
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike
 
 from jaxactv import _dtypes
-from jaxactv._arith import as_one_buffer, max_at_least, reduce_rows, times_allowing_inf
+from jaxactv._arith import as_one_buffer, max_at_least, reduce_rows
 from jaxactv._backend import soft_loss_in_separate_sweeps
 from jaxactv._cross_entropy import safe_log_sum, shift_floor
 from jaxactv._layout import to_class_layout
 from jaxactv._reduction import reduce_losses
 from jaxactv._sharding import like_logits
-from jaxactv._softmax import mask_logits, normalize
+from jaxactv._softmax import mask_logits
 from jaxactv._validation import Axis, as_logits, check_reduction
 
 
@@ -43,19 +45,26 @@ def _phi(z: jax.Array) -> jax.Array:
   return jnp.where(small, series, jnp.expm1(z) - z)
 
 
-def _log_ratio(x: jax.Array, t: jax.Array, support: jax.Array) -> jax.Array:
-  """``x - t`` on the target's support where ``x`` is finite, else 0.
+def _row_max(x: jax.Array, big: float) -> jax.Array:
+  """The row max (keepdims, no gradient), at least ``-big``: a row with no finite logit
+  is shifted by ``-big`` and keeps its ``-inf`` entries, never ``-inf - -inf``."""
+  axes = (x.ndim - 1,)
+  if x.shape[-1] > 1024:  # the soft-label loss's long-row form (_cross_entropy)
+    return reduce_rows(max_at_least(-big), lax.stop_gradient(x), axes, True)
+  return lax.stop_gradient(jnp.max(jnp.maximum(x, -big), -1, keepdims=True, initial=-jnp.inf))
 
-  Taken between selected operands, so ``-inf - -inf`` is never computed (checkify).
-  A supported class with ``x = -inf`` makes the divergence ``inf``, set separately.
+
+def _shifted_log_ratio(a: jax.Array, b: jax.Array) -> jax.Array:
+  """``a - b`` for the max-shifted logits ``a = x - max x``, ``b = t - max t``, where both
+  are finite, else 0.
+
+  Shifted, the difference keeps its digits at any logit scale (``x - t`` at logits of
+  1e6 would round at their ulp, 0.06). Taken between selected operands, so ``-inf -
+  -inf`` is never computed (checkify). A class with target mass and ``x = -inf`` makes
+  the divergence ``inf``, set separately.
   """
-  ok = support & (x > -jnp.inf)
-  return jnp.where(ok, x, 0.0) - jnp.where(ok, t, 0.0)
-
-
-def _log_norm(x: jax.Array) -> jax.Array:
-  """Per-row logsumexp (keepdims) of masked logits."""
-  return normalize(x, (x.ndim - 1,)).logsumexp
+  ok = (a > -jnp.inf) & (b > -jnp.inf)
+  return jnp.where(ok, a, 0.0) - jnp.where(ok, b, 0.0)
 
 
 # ------------------------------------------------------------------------------ KL
@@ -65,64 +74,67 @@ def _kl_fwd(logits, target_logits, class_mask, counts):
   ct = _dtypes.loss_dtype(logits.dtype, target_logits.dtype)
   x = mask_logits(logits.astype(ct), class_mask)
   t = mask_logits(target_logits.astype(ct), class_mask)
-  lse_x, lse_t = _log_norm(x), _log_norm(t)
-  log_q = t - jnp.where(lse_t == -jnp.inf, 0.0, lse_t)
-  q = jnp.exp(log_q)
-  # The target's support (q > 0 in this precision). Outside it only the prediction's
-  # mass there, p_out, matters: KL = KL over the support - log(1 - p_out).
-  support = q > 0
-  delta = _log_ratio(x, t, support)
-  mu = jnp.sum(q * delta, -1, keepdims=True)
-  z = delta - mu
-  # E_q[z] is 0 up to rounding; keeping its rounding r makes the identities exact.
-  r = jnp.sum(q * z, -1)
-  # q * phi(z), in log space where exp(z) alone would overflow.
-  terms = jnp.where(
-      z > 50.0, jnp.exp(log_q + z) - q * (1.0 + z), times_allowing_inf(q, _phi(z))
-  )
-  phi_mean = jnp.sum(jnp.where(support, terms, 0.0), -1)
-  # log E_q[e^z]: log1p of a small mean keeps its digits; a large one goes through lse.
-  log_mean_exp = jnp.where(
-      phi_mean < 1.0,
-      jnp.log1p(phi_mean + r),
-      _log_norm(jnp.where(support, log_q + z, -jnp.inf))[..., 0],
-  )
-  p = jnp.exp(x - jnp.where(lse_x == -jnp.inf, 0.0, lse_x))
-  p_out = jnp.sum(jnp.where(support, 0.0, p), -1)
-  # -log(1 - p_out) = lse_x - (lse of x over the support): log1p while p_out is below
-  # 1/2 (a small term keeps its digits), the logsumexps above it, where 1 - p_out
-  # rounds away (the prediction's mass mostly outside the support; inf from a p_out
-  # of 1 - 6e-8 up in float32, where the true term is 16.6).
-  # The difference is taken between selected operands (no -inf - -inf for checkify).
-  far = p_out >= 0.5
-  lse_in = _log_norm(jnp.where(support, x, -jnp.inf))[..., 0]
-  gap = jnp.where(far, lse_x[..., 0], 0.0) - jnp.where(far, lse_in, 0.0)
-  outside = jnp.where(far, gap, -jnp.log1p(-jnp.minimum(p_out, 0.5)))
-  kl = (log_mean_exp - r) + outside
+  big = float(jnp.finfo(ct).max)
+  sum_rows = functools.partial(reduce_rows, jnp.sum, axes=(x.ndim - 1,), keepdims=True)
+  # Sweep 1: the row maxes. Sweep 2: the sums of exp, E_q[delta] and the prediction's
+  # mass outside the target's support. Sweep 3: E_q[phi(z)].
+  max_x, max_t = _row_max(x, big), _row_max(t, big)
+  a, b = x - max_x, t - max_t
+  e_x, e_t = jnp.exp(a), jnp.exp(b)
+  # The target's support: exp(t - max t) > 0 in this precision. Outside it only the
+  # prediction's mass there, p_out, matters: KL = KL over the support - log(1 - p_out).
+  support = e_t > 0
+  delta = _shifted_log_ratio(a, b)  # x - t up to a per-row constant, which cancels
+  sum_x, sum_t = sum_rows(e_x), sum_rows(e_t)
+  safe_x, safe_t = jnp.maximum(sum_x, 1.0), jnp.maximum(sum_t, 1.0)  # >= 1 unless empty
+  mu = sum_rows(e_t * delta) / safe_t
+  p_out = (sum_rows(jnp.where(support, 0.0, e_x)) / safe_x)[..., 0]
   # A class the target allows but the prediction rules out makes the divergence infinite.
   impossible = jnp.any(support & (x == -jnp.inf), -1)
+  q = e_t / safe_t
+  log_q = b - jnp.log(safe_t)
+  z = delta - mu
+  # E_q[z] is 0 up to rounding; keeping its rounding r makes the identities exact.
+  r = sum_rows(q * z)
+  # q * phi(z), in log space where exp(z) alone would overflow (q tiny, z large); the
+  # other branch's z is capped so that it never computes 0 * inf (checkify).
+  terms = jnp.where(
+      z > 50.0, jnp.exp(log_q + z) - q * (1.0 + z), q * _phi(jnp.minimum(z, 50.0))
+  )
+  phi_mean = sum_rows(jnp.where(support, terms, 0.0))
+  # A small divergence: log1p of a small mean keeps its digits, and so does log1p of a
+  # small p_out. Otherwise KL >= log 2, and the textbook lse_x - lse_t - E_q[x - t], in
+  # the shifted logits, holds every digit that matters (and needs no lse over the
+  # support, whose sum of exp may underflow).
+  small = (phi_mean[..., 0] < 1.0) & (p_out < 0.5)
+  kl_small = jnp.log1p(phi_mean + r)[..., 0] - r[..., 0] - jnp.log1p(-jnp.minimum(p_out, 0.5))
+  kl_large = (safe_log_sum(sum_x) - safe_log_sum(sum_t) - (mu + r))[..., 0]
+  kl = jnp.where(small, kl_small, kl_large)
   kl = jnp.where(impossible, jnp.inf, kl)
   # A target with no mass (every logit -inf or masked) is no distribution: every class
   # has target probability 0 and contributes nothing, so the divergence is 0.
-  kl = jnp.where(counts & (lse_t[..., 0] > -jnp.inf), kl, 0.0)
-  return kl, (logits, target_logits, class_mask, counts, lse_x, lse_t, mu + r[..., None])
+  kl = jnp.where(counts & (sum_t[..., 0] > 0), as_one_buffer(kl), 0.0)
+  keep = counts[..., None] & (sum_t > 0)  # the examples whose gradients are not 0
+  log_norms = (safe_log_sum(sum_x), safe_log_sum(sum_t))
+  return kl, (logits, target_logits, class_mask, keep, max_x, max_t, *log_norms, mu + r)
 
 
 def _kl_bwd(res, g):
-  logits, target_logits, class_mask, counts, lse_x, lse_t, mu = res
-  ct = lse_x.dtype
+  logits, target_logits, class_mask, keep, max_x, max_t, log_sum_x, log_sum_t, mu = res
+  ct = max_x.dtype
   x = mask_logits(logits.astype(ct), class_mask)
   t = mask_logits(target_logits.astype(ct), class_mask)
   g = g.astype(ct)[..., None]
-  p = jnp.exp(x - jnp.where(lse_x == -jnp.inf, 0.0, lse_x))
-  q = jnp.exp(t - jnp.where(lse_t == -jnp.inf, 0.0, lse_t))
+  a, b = x - max_x, t - max_t
+  p = jnp.exp(a - log_sum_x)
+  e_t = jnp.exp(b)
+  q = e_t * jnp.exp(-log_sum_t)
   dx = g * (p - q)
   # dKL/dt_j = q_j (log q_j - log p_j - KL) = -q_j (x_j - t_j - E_q[x - t])
-  dt = jnp.where(q > 0, -g * q * (_log_ratio(x, t, q > 0) - mu), 0.0)
+  dt = jnp.where(e_t > 0, -g * q * (_shifted_log_ratio(a, b) - mu), 0.0)
   # Select, not multiply: a masked example full of NaN must get gradient 0; so does
   # a target with no mass, whose divergence is 0 whatever the logits.
-  keep = counts[..., None] & (lse_t > -jnp.inf)
-  dx, dt = (jnp.where(keep, a, 0.0) for a in (dx, dt))
+  dx, dt = (jnp.where(keep, v, 0.0) for v in (dx, dt))
   return dx.astype(logits.dtype), dt.astype(target_logits.dtype), None, None
 
 

@@ -213,6 +213,22 @@ def test_kl_at_extreme_logits_matches_twin_and_float64():
   np.testing.assert_allclose(dt, dt_ref, rtol=2e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("offset", [1e4, 1e6])
+def test_kl_keeps_its_digits_at_a_large_common_logit_offset(offset):
+  # Softmax ignores a common offset; the divergence and its gradient p - q must too.
+  # x - t or x - lse taken at the offset's scale round at its ulp (0.06 at 1e6): the
+  # unshifted form gave 2e-2 relative error there, and 5e-4 at 1e4.
+  rng = np.random.default_rng(12)
+  x = (2.0 * rng.normal(size=(4, 1000)) + offset).astype(np.float32)
+  t = (x + rng.normal(size=x.shape)).astype(np.float32)
+  exact = np_kl(x, t, (1,))
+  np.testing.assert_allclose(jax.jit(KL)(x, t), exact, rtol=2e-6)
+  dx, dt = jax.jit(jax.grad(lambda x, t: KL(x, t).sum(), (0, 1)))(x, t)
+  gx, gt = np_kl_grads(x, t, (1,))
+  np.testing.assert_allclose(f64(dx), gx, rtol=0, atol=1e-6 * np.max(np.abs(gx)))
+  np.testing.assert_allclose(f64(dt), gt, rtol=0, atol=1e-6 * np.max(np.abs(gt)))
+
+
 def test_kl_with_a_large_logit_gap_is_finite():
   # By hand: q = softmax([0, -60]) = (1, e^-60), log p = [0, 40] - lse = (-40, ~0), so
   # KL = 1 * (0 + 40) + e^-60 * (-60 - 0) = 40 (to 1e-24). exp(x - t) = e^100 overflows
@@ -279,6 +295,7 @@ def test_rows_longer_than_32768_match_float64(dtype):
   x, t = (np.asarray(jnp.asarray(a, dtype).astype(jnp.float32)) for a in (x, t))
   h, dh = jax.jit(jax.value_and_grad(lambda x: ENTROPY(x.astype(dtype)).sum()))(x)
   per_h = jax.jit(lambda x: ENTROPY(x.astype(dtype)))(x)
+  np.testing.assert_allclose(h, np_entropy(x, (1,)).sum(), rtol=1e-5)
   np.testing.assert_allclose(per_h, np_entropy(x, (1,)), rtol=1e-5, atol=1e-6)
   # The half-precision gradient is the float32 one rounded once to its dtype.
   rtol = 2.0**-8 if dtype == jnp.bfloat16 else 2e-5
