@@ -10,9 +10,13 @@ the divergence is rewritten (with ``delta = x - t``, ``mu = E_q[delta]``) as
 
 a mean of non-negative terms whose ``phi`` is taken from its Taylor series near 0,
 so a divergence of 1e-9 keeps its digits; classes outside the target's support
-add ``-log(1 - p_out)`` for the prediction's mass there. Each op is a ``jax.custom_vjp`` with the
-closed-form gradients ``dKL/dx = p - q``, ``dKL/dt = -q (delta - mu)`` and
-``dH/dx = -p (log p + H)``; residuals are the inputs and per-row numbers.
+add ``-log(1 - p_out)`` for the prediction's mass there. ``delta`` is taken between
+the max-shifted logits, so a common offset of 1e6 costs no digits. Once the divergence
+is at least ``log 2`` (``E_q[phi] >= 1`` or ``p_out >= 1/2``) no digit is at risk and
+the textbook ``lse_x - lse_t - E_q[delta]``, in the same shifted logits, is used. Each
+op is a ``jax.custom_vjp`` with the closed-form gradients ``dKL/dx = p - q``,
+``dKL/dt = -q (delta - mu)`` and ``dH/dx = -p (log p + H)``; residuals are the inputs
+and per-row numbers.
 """
 
 from __future__ import annotations
@@ -87,12 +91,13 @@ def _kl_fwd(logits, target_logits, class_mask, counts):
   delta = _shifted_log_ratio(a, b)  # x - t up to a per-row constant, which cancels
   sum_x, sum_t = sum_rows(e_x), sum_rows(e_t)
   safe_x, safe_t = jnp.maximum(sum_x, 1.0), jnp.maximum(sum_t, 1.0)  # >= 1 unless empty
+  log_sum_x, log_sum_t = jnp.log(safe_x), jnp.log(safe_t)  # safe_log_sum
   mu = sum_rows(e_t * delta) / safe_t
   p_out = (sum_rows(jnp.where(support, 0.0, e_x)) / safe_x)[..., 0]
   # A class the target allows but the prediction rules out makes the divergence infinite.
   impossible = jnp.any(support & (x == -jnp.inf), -1)
   q = e_t / safe_t
-  log_q = b - jnp.log(safe_t)
+  log_q = b - log_sum_t
   z = delta - mu
   # E_q[z] is 0 up to rounding; keeping its rounding r makes the identities exact.
   r = sum_rows(q * z)
@@ -108,15 +113,14 @@ def _kl_fwd(logits, target_logits, class_mask, counts):
   # support, whose sum of exp may underflow).
   small = (phi_mean[..., 0] < 1.0) & (p_out < 0.5)
   kl_small = jnp.log1p(phi_mean + r)[..., 0] - r[..., 0] - jnp.log1p(-jnp.minimum(p_out, 0.5))
-  kl_large = (safe_log_sum(sum_x) - safe_log_sum(sum_t) - (mu + r))[..., 0]
+  kl_large = (log_sum_x - log_sum_t - (mu + r))[..., 0]
   kl = jnp.where(small, kl_small, kl_large)
   kl = jnp.where(impossible, jnp.inf, kl)
   # A target with no mass (every logit -inf or masked) is no distribution: every class
   # has target probability 0 and contributes nothing, so the divergence is 0.
   kl = jnp.where(counts & (sum_t[..., 0] > 0), as_one_buffer(kl), 0.0)
   keep = counts[..., None] & (sum_t > 0)  # the examples whose gradients are not 0
-  log_norms = (safe_log_sum(sum_x), safe_log_sum(sum_t))
-  return kl, (logits, target_logits, class_mask, keep, max_x, max_t, *log_norms, mu + r)
+  return kl, (logits, target_logits, class_mask, keep, max_x, max_t, log_sum_x, log_sum_t, mu + r)
 
 
 def _kl_bwd(res, g):
@@ -208,8 +212,9 @@ def kl_divergence_from_logits(
 def _entropy_fwd(logits, class_mask, counts):
   ct = _dtypes.loss_dtype(logits.dtype)
   x = mask_logits(logits.astype(ct), class_mask)
-  big = jnp.finfo(ct).max
+  big = float(jnp.finfo(ct).max)
   floor = shift_floor(ct)
+  axes = (x.ndim - 1,)
   # H = log S + sum_j e_j d_j / S, e_j = exp(-d_j), d_j = max - x_j >= 0 capped at
   # about big: non-negative terms (no cancellation), and a -inf or masked logit gives
   # e_j = 0 times a finite d_j, never 0 * inf. A row with no finite logit has S = 0 and
@@ -217,19 +222,16 @@ def _entropy_fwd(logits, class_mask, counts):
   if soft_loss_in_separate_sweeps(logits.dtype, x.shape[-1]):
     # As the soft-label loss on long float32 rows: sweeps that share no logits-sized
     # value, so XLA:CPU writes nothing out between them (_backend).
-    axes = (x.ndim - 1,)
-    row_max = reduce_rows(max_at_least(float(-big)), lax.stop_gradient(x), axes, True)
+    row_max = _row_max(x, big)
     sum_exp = reduce_rows(jnp.sum, jnp.exp(x - row_max), axes, True)
     d = jnp.minimum(jnp.maximum(row_max, -big) - x, -floor)
     log_sum = safe_log_sum(sum_exp)
     h = log_sum + reduce_rows(jnp.sum, jnp.exp(-d) * d, axes, True) / jnp.maximum(sum_exp, 1.0)
   else:
     # One kernel, as jax.nn's softmax: the max, the shift, exp and both sums.
-    row_max = lax.stop_gradient(
-        jnp.max(jnp.maximum(x, -big), -1, keepdims=True, initial=-jnp.inf))
+    row_max = _row_max(x, big)
     shifted = jnp.maximum(x - row_max, floor)
     e = jnp.exp(shifted)
-    axes = (x.ndim - 1,)
     sum_exp = reduce_rows(jnp.sum, e, axes, True)
     log_sum = safe_log_sum(sum_exp)
     h = reduce_rows(jnp.sum, e / jnp.maximum(sum_exp, 1.0) * (log_sum - shifted), axes, True)
