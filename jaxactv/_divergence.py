@@ -2,19 +2,24 @@
 
 Distillation and RL regularisers compare two categorical distributions that are
 often close; the textbook ``sum(q * (log q - log p))`` then subtracts nearly equal
-log-probabilities and loses every significant digit of a small divergence. Here
-the divergence is rewritten (with ``delta = x - t``, ``mu = E_q[delta]``) as
+log-probabilities and loses every significant digit of a small divergence. Here,
+with ``delta = x - t`` between the max-shifted logits (so a common offset of 1e6
+costs no digits), ``mu = E_q[delta]`` and ``phi(z) = exp(z) - 1 - z >= 0``,
 
-    KL(q || p) = log E_q[exp(delta - mu)] = log1p(E_q[phi(delta - mu)]),
-    phi(z) = exp(z) - 1 - z >= 0,
+    KL(q || p) = log E_q[exp(delta)] - mu = E_q[phi(delta)] - psi(y),
+    y = E_q[exp(delta)] - 1 = E_q[phi(delta)] + mu,   psi(y) = y - log1p(y) >= 0,
 
-a mean of non-negative terms whose ``phi`` is taken from its Taylor series near 0,
-so a divergence of 1e-9 keeps its digits; classes outside the target's support
-add ``-log(1 - p_out)`` for the prediction's mass there. ``delta`` is taken between
-the max-shifted logits, so a common offset of 1e6 costs no digits. Once the divergence
-is at least ``log 2`` (``E_q[phi] >= 1`` or ``p_out >= 1/2``) no digit is at risk and
-the textbook ``lse_x - lse_t - E_q[delta]``, in the same shifted logits, is used. Each
-op is a ``jax.custom_vjp`` with the closed-form gradients ``dKL/dx = p - q``,
+two sweeps after the row maxes: the sums of ``exp(t)``, ``exp(t) delta`` and
+``exp(t) phi(delta)`` (``phi`` from its Taylor series near 0, so no term cancels), and
+the sum of ``exp(x)`` for ``lse_x``. The difference of the two non-negative means
+cancels only what the divergence is made of (``E_q[phi] ~ KL + mu^2 / 2``, ``psi ~
+mu^2 / 2``), so a divergence of 1e-9 keeps its digits when ``mu`` is as small as the
+spread of ``delta``. When it is not (``mu^2`` or ``mu`` dwarfs the divergence, as when
+the prediction's max sits on a class the target barely allows), the bound on that
+cancellation exceeds ``_KL_CANCELLATION_LIMIT`` epsilons and the batch takes a third
+sweep centred at ``mu``: ``log1p(E_q[phi(delta - mu)])``, a mean of non-negative
+terms. Classes outside the target's support add the prediction's mass there. Each op
+is a ``jax.custom_vjp`` with the closed-form gradients ``dKL/dx = p - q``,
 ``dKL/dt = -q (delta - mu)`` and ``dH/dx = -p (log p + H)``; residuals are the inputs
 and per-row numbers.
 """
@@ -22,6 +27,7 @@ and per-row numbers.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -74,53 +80,135 @@ def _shifted_log_ratio(a: jax.Array, b: jax.Array) -> jax.Array:
 # ------------------------------------------------------------------------------ KL
 
 
+# The largest bound on the two-sweep value's rounding error, in epsilons of the value,
+# that a row may keep: a batch with any row above it takes the third sweep. Measured
+# errors stay below a quarter of the bound, so a kept value is within ~32 epsilons.
+_KL_CANCELLATION_LIMIT = 128.0
+
+
+def _phi_series(z: jax.Array) -> jax.Array:
+  """``exp(z) - 1 - z`` from its Taylor series, for ``|z| <= 1``: the terms up to ``z^n / n!``
+  with ``1 / (n + 1)!`` below the dtype's epsilon (n = 10 in float32, 18 in float64)."""
+  eps = float(jnp.finfo(z.dtype).eps)
+  n = next(k for k in range(2, 40) if 1.0 / math.factorial(k + 1) < eps)
+  acc = jnp.full_like(z, 1.0 / math.factorial(n))
+  for k in range(n - 1, 1, -1):  # Horner: z^2 (1/2! + z (1/3! + ... z / n!))
+    acc = 1.0 / math.factorial(k) + z * acc
+  return z * z * acc
+
+
+def _q_phi(e_t: jax.Array, e_x: jax.Array, delta: jax.Array) -> jax.Array:
+  """``e_t * phi(delta)`` for ``e_t = exp(b)``, ``e_x = exp(a)``, ``delta = a - b``.
+
+  From ``phi``'s Taylor series for ``|delta| < 1``; beyond it ``e_x - e_t (1 + delta)``,
+  since ``e_t exp(delta) = e_x``: no third exponential, no overflow, and at most
+  ``e / (e - 2)`` (two bits) of cancellation.
+  """
+  small = jnp.abs(delta) < 1.0
+  series = e_t * _phi_series(jnp.where(small, delta, 0.0))
+  return jnp.where(small, series, e_x - e_t * (1.0 + delta))
+
+
+def _psi(y: jax.Array) -> jax.Array:
+  """``y - log1p(y) >= 0`` for ``|y| <= 1/2``, to a few ulp where the difference cancels.
+
+  With ``s = y / (2 + y)``, ``log1p(y) = 2 atanh(s)`` and ``y = 2s / (1 - s)``, so
+  ``y - log1p(y) = 2s (s / (1 - s) - s^2/3 - s^4/5 - ...)``, ``|s| <= 1/3``: no term
+  cancels, and seven of the series reach float64's rounding.
+  """
+  s = y / (2.0 + y)
+  s2 = s * s
+  tail = s2 * (1 / 3 + s2 * (1 / 5 + s2 * (1 / 7 + s2 * (1 / 9 + s2 * (
+      1 / 11 + s2 * (1 / 13 + s2 * (1 / 15 + s2 * (1 / 17 + s2 / 19))))))))
+  return 2.0 * s * (s / (1.0 - s) - tail)
+
+
 def _kl_fwd(logits, target_logits, class_mask, counts):
   ct = _dtypes.loss_dtype(logits.dtype, target_logits.dtype)
   x = mask_logits(logits.astype(ct), class_mask)
   t = mask_logits(target_logits.astype(ct), class_mask)
   big = float(jnp.finfo(ct).max)
   sum_rows = functools.partial(reduce_rows, jnp.sum, axes=(x.ndim - 1,), keepdims=True)
-  # Sweep 1: the row maxes. Sweep 2: the sums of exp, E_q[delta] and the prediction's
-  # mass outside the target's support. Sweep 3: E_q[phi(z)].
+  # Sweep 1: the row maxes. Sweep 2: S_t, E_q[delta] and E_q[phi(delta)], delta taken
+  # between the shifted logits (centred at 0, not at mu = E_q[delta]).
   max_x, max_t = _row_max(x, big), _row_max(t, big)
   a, b = x - max_x, t - max_t
   e_x, e_t = jnp.exp(a), jnp.exp(b)
-  # The target's support: exp(t - max t) > 0 in this precision. Outside it only the
-  # prediction's mass there, p_out, matters: KL = KL over the support - log(1 - p_out).
+  # The target's support: exp(t - max t) > 0 in this precision. A class in it that the
+  # prediction rules out (x = -inf) makes the divergence infinite.
   support = e_t > 0
+  ruled_out = support & (x == -jnp.inf)
   delta = _shifted_log_ratio(a, b)  # x - t up to a per-row constant, which cancels
-  sum_x, sum_t = sum_rows(e_x), sum_rows(e_t)
-  safe_x, safe_t = jnp.maximum(sum_x, 1.0), jnp.maximum(sum_t, 1.0)  # >= 1 unless empty
-  log_sum_x, log_sum_t = jnp.log(safe_x), jnp.log(safe_t)  # safe_log_sum
+  sum_t = sum_rows(e_t)
+  safe_t = jnp.maximum(sum_t, 1.0)  # >= 1 unless the target is empty
   mu = sum_rows(e_t * delta) / safe_t
-  p_out = (sum_rows(jnp.where(support, 0.0, e_x)) / safe_x)[..., 0]
-  # A class the target allows but the prediction rules out makes the divergence infinite.
-  impossible = jnp.any(support & (x == -jnp.inf), -1)
+  # Outside the support a class adds its e_x; a ruled-out class adds e_t (e^-inf - 1).
+  # So y = phi_0 + mu = S_x / S_t - 1 exactly, and KL = log1p(y) - mu.
+  terms = jnp.where(support, jnp.where(ruled_out, -e_t, _q_phi(e_t, e_x, delta)), e_x)
+  phi_0 = sum_rows(terms) / safe_t
+  # S_x >= 1 (its max's term), so y >= 1 / S_t - 1: the floor only catches rounding, and
+  # rows with no finite logit (ruled out, KL = inf), whose y would be -1.
+  y = jnp.maximum(phi_0 + mu, 1.0 / safe_t - 1.0)
+  # S_x itself for lse_x, the gradient's: y = S_x / S_t - 1 may cancel (a large E_q[phi]
+  # against a large negative mu) where S_x does not.
+  log_sum_x, log_sum_t = jnp.log(jnp.maximum(sum_rows(e_x), 1.0)), jnp.log(safe_t)
+  # KL = log1p(y) - mu = phi_0 - psi(y), psi(y) = y - log1p(y) >= 0: a difference of
+  # two non-negative numbers that cancels only what the divergence is made of (phi_0 ~
+  # KL + mu^2 / 2, psi ~ mu^2 / 2 for small ones), with y's rounding entering through
+  # psi'(y) = y / (1 + y). Their magnitudes over the value bound its relative error in
+  # epsilons (measured errors stay below a quarter of the bound).
+  near = jnp.abs(y) < 0.5
+  log1p_y = jnp.log1p(y)
+  psi = jnp.where(near, _psi(jnp.where(near, y, 0.0)), y - log1p_y)  # no cancellation
+  kl = (phi_0 - psi)[..., 0]
+  cancelled = phi_0 + psi + jnp.abs(y) / (1.0 + y) * (phi_0 + jnp.abs(mu))
+  cancelled = (cancelled + jnp.where(near, 0.0, jnp.abs(y) + jnp.abs(log1p_y)))[..., 0]
+  impossible = jnp.any(ruled_out, -1)
+  valid = counts & (sum_t[..., 0] > 0) & ~impossible
+  rough = valid & ~(cancelled <= _KL_CANCELLATION_LIMIT * kl)
+  # Rows whose divergence is small next to mu^2 (or to mu) take a third sweep centred
+  # at mu, for the whole batch, only when some row needs it.
+  def centred():
+    kl_c, mu_c = _kl_centred(x, t, max_x, max_t, mu, safe_t, log_sum_x)
+    return jnp.where(rough, kl_c, kl), jnp.where(rough[..., None], mu_c, mu)
+
+  kl, mu = lax.cond(jnp.any(rough), centred, lambda: (kl, mu))
+  kl = jnp.where(impossible, jnp.inf, kl)
+  # A target with no mass (every logit -inf or masked) is no distribution: every class
+  # has target probability 0 and contributes nothing, so the divergence is 0.
+  kl = jnp.where(counts & (sum_t[..., 0] > 0), as_one_buffer(kl), 0.0)
+  keep = counts[..., None] & (sum_t > 0)  # the examples whose gradients are not 0
+  return kl, (logits, target_logits, class_mask, keep, max_x, max_t, log_sum_x, log_sum_t, mu)
+
+
+def _kl_centred(x, t, max_x, max_t, mu, safe_t, log_sum_x):
+  """The divergence as ``log1p(E_q[phi(z)])``, ``z = delta - mu``, and ``E_q[delta]`` with
+  its rounding: every digit of a divergence however small next to ``mu``.
+
+  Classes outside the target's support add ``-log(1 - p_out)``; once ``E_q[phi] >= 1``
+  or ``p_out >= 1/2`` (KL >= log 2), the textbook ``lse_x - lse_t - E_q[delta]`` in the
+  shifted logits, which then holds every digit that matters.
+  """
+  sum_rows = functools.partial(reduce_rows, jnp.sum, axes=(x.ndim - 1,), keepdims=True)
+  a, b = x - max_x, t - max_t
+  e_t = jnp.exp(b)
+  support = (e_t > 0) & (x > -jnp.inf)
   q = e_t / safe_t
-  log_q = b - log_sum_t
-  z = delta - mu
+  log_q = b - jnp.log(safe_t)
+  z = jnp.where(support, _shifted_log_ratio(a, b) - mu, 0.0)
   # E_q[z] is 0 up to rounding; keeping its rounding r makes the identities exact.
-  r = sum_rows(q * z)
+  r = sum_rows(jnp.where(support, q * z, 0.0))
   # q * phi(z), in log space where exp(z) alone would overflow (q tiny, z large); the
   # other branch's z is capped so that it never computes 0 * inf (checkify).
   terms = jnp.where(
       z > 50.0, jnp.exp(log_q + z) - q * (1.0 + z), q * _phi(jnp.minimum(z, 50.0))
   )
   phi_mean = sum_rows(jnp.where(support, terms, 0.0))
-  # A small divergence: log1p of a small mean keeps its digits, and so does log1p of a
-  # small p_out. Otherwise KL >= log 2, and the textbook lse_x - lse_t - E_q[x - t], in
-  # the shifted logits, holds every digit that matters (and needs no lse over the
-  # support, whose sum of exp may underflow).
+  p_out = sum_rows(jnp.where(e_t > 0, 0.0, jnp.exp(a - log_sum_x)))[..., 0]
   small = (phi_mean[..., 0] < 1.0) & (p_out < 0.5)
   kl_small = jnp.log1p(phi_mean + r)[..., 0] - r[..., 0] - jnp.log1p(-jnp.minimum(p_out, 0.5))
-  kl_large = (log_sum_x - log_sum_t - (mu + r))[..., 0]
-  kl = jnp.where(small, kl_small, kl_large)
-  kl = jnp.where(impossible, jnp.inf, kl)
-  # A target with no mass (every logit -inf or masked) is no distribution: every class
-  # has target probability 0 and contributes nothing, so the divergence is 0.
-  kl = jnp.where(counts & (sum_t[..., 0] > 0), as_one_buffer(kl), 0.0)
-  keep = counts[..., None] & (sum_t > 0)  # the examples whose gradients are not 0
-  return kl, (logits, target_logits, class_mask, keep, max_x, max_t, log_sum_x, log_sum_t, mu + r)
+  kl_large = (log_sum_x - jnp.log(safe_t) - (mu + r))[..., 0]
+  return jnp.where(small, kl_small, kl_large), mu + r
 
 
 def _kl_bwd(res, g):
@@ -165,9 +253,11 @@ def kl_divergence_from_logits(
     \quad q = \mathrm{softmax}(t),\ p = \mathrm{softmax}(x)
 
   the forward (distillation) direction, as ``optax.kl_divergence(log_softmax(x),
-  softmax(t))``. It is computed as ``log1p(E_q[phi(x - t - mu)])`` (see the module
-  docs), so divergences down to ~1e-12 keep their relative precision in float32
-  where the textbook formula returns rounding noise. Both arguments receive
+  softmax(t))``. It is computed as a difference of two non-negative means that
+  cancels only the divergence's own size, or as ``log1p(E_q[phi(x - t - mu)])`` where
+  that difference would cost more than about 32 epsilons (see the module docs), so
+  divergences down to ~1e-12 keep their relative precision in float32 where the
+  textbook formula returns rounding noise. Both arguments receive
   gradients: ``dKL/dx = p - q``, ``dKL/dt = -q (x - t - E_q[x - t])``.
 
   Edge cases: classes with target probability 0 (``-inf`` target logits or

@@ -213,6 +213,32 @@ def test_kl_at_extreme_logits_matches_twin_and_float64():
   np.testing.assert_allclose(dt, dt_ref, rtol=2e-5, atol=1e-5)
 
 
+def test_kl_whose_mean_log_ratio_dwarfs_it_takes_the_centred_sweep():
+  # The prediction's max sits on a class the target gives e^-30: the shifted logits then
+  # differ by mu = E_q[x - t] of 0.5-3 while KL is 0.02-0.09, and the two-sweep form
+  # (centred at 0) would cancel mu^2 / KL ~ 50 epsilons away (measured: 49). The batch
+  # takes the third sweep, centred at mu, for those rows.
+  rng = np.random.default_rng(21)
+  t = rng.normal(size=(8, 1000)).astype(np.float32)
+  x = (t + 1e-3 * rng.normal(size=t.shape)).astype(np.float32)
+  t[:, 0] = -30.0
+  x[:, 0] = x.max(1) + np.linspace(0.5, 3.0, 8).astype(np.float32)
+  exact = np_kl(x, t, (1,))
+  got = f64(jax.jit(KL)(x, t))
+  assert np.max(np.abs(got - exact) / exact) < 32 * F32_EPS
+  dx, dt = jax.jit(jax.grad(lambda x, t: KL(x, t).sum(), (0, 1)))(x, t)
+  gx, gt = np_kl_grads(x, t, (1,))
+  np.testing.assert_allclose(f64(dx), gx, rtol=0, atol=1e-6 * np.max(np.abs(gx)))
+  # dKL/dt = -q (delta - mu), delta - mu ~ 1e-3 from shifted logits ~ 3 in size: delta
+  # and its mean mu each round at an ulp of those, so the bound follows q times them
+  # (measured: 14 epsilons of it at most, as before the two-sweep form).
+  q = np.exp(np_log_softmax(t, (1,)))
+  shifted = lambda v: np.abs(f64(v) - f64(v).max(1, keepdims=True))
+  shifts = shifted(x) + shifted(t)
+  size = 2.0 + shifts + (q * shifts).sum(1, keepdims=True)
+  assert np.all(np.abs(f64(dt) - gt) <= 32 * F32_EPS * q * size)
+
+
 @pytest.mark.parametrize("offset", [1e4, 1e6])
 def test_kl_keeps_its_digits_at_a_large_common_logit_offset(offset):
   # Softmax ignores a common offset; the divergence and its gradient p - q must too.
