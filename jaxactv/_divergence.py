@@ -55,13 +55,16 @@ def _phi(z: jax.Array) -> jax.Array:
   return jnp.where(small, series, jnp.expm1(z) - z)
 
 
-def _row_max(x: jax.Array, big: float) -> jax.Array:
-  """The row max (keepdims, no gradient), at least ``-big``: a row with no finite logit
-  is shifted by ``-big`` and keeps its ``-inf`` entries, never ``-inf - -inf``."""
+def _row_max(x: jax.Array, big: float, floor: float | None = None) -> jax.Array:
+  """The row max (keepdims, no gradient), at least ``floor`` (default ``-big``): a row
+  with no finite logit is shifted by it and keeps its ``-inf`` entries, never ``-inf -
+  -inf``. Two maxes in one program take different floors, or XLA shares the floor's
+  logits-sized broadcast between them and writes it out."""
+  floor = -big if floor is None else floor
   axes = (x.ndim - 1,)
   if x.shape[-1] > 1024:  # the soft-label loss's long-row form (_cross_entropy)
-    return reduce_rows(max_at_least(-big), lax.stop_gradient(x), axes, True)
-  return lax.stop_gradient(jnp.max(jnp.maximum(x, -big), -1, keepdims=True, initial=-jnp.inf))
+    return reduce_rows(max_at_least(floor), lax.stop_gradient(x), axes, True)
+  return lax.stop_gradient(jnp.max(jnp.maximum(x, floor), -1, keepdims=True, initial=-jnp.inf))
 
 
 def _shifted_log_ratio(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -129,29 +132,36 @@ def _kl_fwd(logits, target_logits, class_mask, counts):
   t = mask_logits(target_logits.astype(ct), class_mask)
   big = float(jnp.finfo(ct).max)
   sum_rows = functools.partial(reduce_rows, jnp.sum, axes=(x.ndim - 1,), keepdims=True)
-  # Sweep 1: the row maxes. Sweep 2: S_t, E_q[delta] and E_q[phi(delta)], delta taken
-  # between the shifted logits (centred at 0, not at mu = E_q[delta]).
-  max_x, max_t = _row_max(x, big), _row_max(t, big)
-  a, b = x - max_x, t - max_t
-  e_x, e_t = jnp.exp(a), jnp.exp(b)
-  # The target's support: exp(t - max t) > 0 in this precision. A class in it that the
-  # prediction rules out (x = -inf) makes the divergence infinite.
-  support = e_t > 0
-  ruled_out = support & (x == -jnp.inf)
-  delta = _shifted_log_ratio(a, b)  # x - t up to a per-row constant, which cancels
-  sum_t = sum_rows(e_t)
+  # Sweep 1: the row maxes. Sweep 2: S_x, S_t, E_q[delta] and E_q[phi(delta)], delta
+  # taken between the shifted logits (centred at 0, not at mu = E_q[delta]). Each sum
+  # takes its exponentials afresh from the logits, its shift spelled apart from the
+  # others' (the same number but on a row whose max is -big, i.e. an empty one): XLA:CPU
+  # then fuses the first two into their reductions and writes out only the other two's
+  # terms, where shared exponentials were written out and read back by every sum (4096
+  # x 1024 float32 forward: 1.7x optax -> 1.2x).
+  max_x, max_t = _row_max(x, big), _row_max(t, big, float(shift_floor(ct)))
+  sum_x, sum_t = sum_rows(jnp.exp(x - max_x)), sum_rows(jnp.exp(t - max_t))
   safe_t = jnp.maximum(sum_t, 1.0)  # >= 1 unless the target is empty
-  mu = sum_rows(e_t * delta) / safe_t
-  # Outside the support a class adds its e_x; a ruled-out class adds e_t (e^-inf - 1).
-  # So y = phi_0 + mu = S_x / S_t - 1 exactly, and KL = log1p(y) - mu.
-  terms = jnp.where(support, jnp.where(ruled_out, -e_t, _q_phi(e_t, e_x, delta)), e_x)
+  log_sum_x, log_sum_t = jnp.log(jnp.maximum(sum_x, 1.0)), jnp.log(safe_t)
+  a, b = x - jnp.maximum(max_x, -big), t - jnp.maximum(max_t, -big)
+  # The select (a no-op: e_t * delta is 0 where e_t is) keeps the whole term in one loop.
+  e_t = jnp.exp(b)
+  mu = sum_rows(jnp.where(e_t > 0, e_t * _shifted_log_ratio(a, b), 0.0)) / safe_t
+  floor = shift_floor(ct)  # just above -big: a third spelling
+  a, b = x - jnp.maximum(max_x, floor), t - jnp.maximum(max_t, floor)
+  e_x, e_t = jnp.exp(a), jnp.exp(b)
+  # The target's support: exp(t - max t) > 0 in this precision. Outside it a class adds
+  # its e_x, so that y = phi_0 + mu = S_x / S_t - 1. A class in it that the prediction
+  # rules out (x = -inf) adds -inf: the divergence is infinite.
+  support = e_t > 0
+  terms = jnp.where(
+      support, jnp.where(x == -jnp.inf, -jnp.inf, _q_phi(e_t, e_x, _shifted_log_ratio(a, b))), e_x
+  )
   phi_0 = sum_rows(terms) / safe_t
-  # S_x >= 1 (its max's term), so y >= 1 / S_t - 1: the floor only catches rounding, and
-  # rows with no finite logit (ruled out, KL = inf), whose y would be -1.
+  impossible = phi_0[..., 0] == -jnp.inf
+  phi_0 = jnp.where(impossible[..., None], 0.0, phi_0)
+  # S_x >= 1 (its max's term), so y >= 1 / S_t - 1: the floor only catches rounding.
   y = jnp.maximum(phi_0 + mu, 1.0 / safe_t - 1.0)
-  # S_x itself for lse_x, the gradient's: y = S_x / S_t - 1 may cancel (a large E_q[phi]
-  # against a large negative mu) where S_x does not.
-  log_sum_x, log_sum_t = jnp.log(jnp.maximum(sum_rows(e_x), 1.0)), jnp.log(safe_t)
   # KL = log1p(y) - mu = phi_0 - psi(y), psi(y) = y - log1p(y) >= 0: a difference of
   # two non-negative numbers that cancels only what the divergence is made of (phi_0 ~
   # KL + mu^2 / 2, psi ~ mu^2 / 2 for small ones), with y's rounding entering through
@@ -163,7 +173,6 @@ def _kl_fwd(logits, target_logits, class_mask, counts):
   kl = (phi_0 - psi)[..., 0]
   cancelled = phi_0 + psi + jnp.abs(y) / (1.0 + y) * (phi_0 + jnp.abs(mu))
   cancelled = (cancelled + jnp.where(near, 0.0, jnp.abs(y) + jnp.abs(log1p_y)))[..., 0]
-  impossible = jnp.any(ruled_out, -1)
   valid = counts & (sum_t[..., 0] > 0) & ~impossible
   rough = valid & ~(cancelled <= _KL_CANCELLATION_LIMIT * kl)
   # Rows whose divergence is small next to mu^2 (or to mu) take a third sweep centred
